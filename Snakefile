@@ -1,0 +1,18 @@
+# cfga: raw archives → manifests → features → Recall@K / MAP@R → paper tables.
+# Thin on purpose: config + validation and target lists live in rules/common.smk.
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/datasets.smk"
+include: "rules/models.smk"
+include: "rules/features.smk"
+include: "rules/metrics.smk"
+include: "rules/tables.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

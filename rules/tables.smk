@@ -1,0 +1,29 @@
+# Aggregated outputs a person looks at: paper-layout tables, the long table, recall@K plots.
+
+
+rule tables:
+    input:
+        metrics=metric_targets(),
+        published=config["tables"]["published"],
+    output:
+        table5_csv=report("results/tables/table5.csv", category="Tables", caption="../report/table5.rst"),
+        table5_md=report("results/tables/table5.md", category="Tables", caption="../report/table5.rst"),
+        long=report("results/tables/all_metrics.csv", category="Tables", caption="../report/all_metrics.rst"),
+    params:
+        datasets=DATASETS,
+        models=MODELS,
+    log:
+        "logs/tables/tables.log",
+    script:
+        "../workflow_scripts/make_tables.py"
+
+
+rule recall_plot:
+    input:
+        metrics=lambda wc: [t for t in metric_targets() if t.startswith(f"results/metrics/{wc.dataset}/")],
+    output:
+        report("results/plots/recall_at_k_{dataset}.png", category="Plots", caption="../report/recall_plot.rst"),
+    log:
+        "logs/plots/{dataset}.log",
+    script:
+        "../workflow_scripts/plot_recall.py"

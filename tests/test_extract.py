@@ -1,0 +1,113 @@
+"""extract_features against the independent SPEC reference (tests/reference), batched vs batch 1."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from cfga import extract_features, load_model
+from cfga.features import FEATURES, features_for
+from tests.reference.spec_reference import build_dml_model, jitter_bn, reference_features
+
+MIN_COSINE = 0.9999
+
+# (h, w, mode): above and below 256 on the short side, odd sizes that round half to even, L and
+# CMYK JPEGs, three images of one size (so a batch really holds several), a tiny image (1×1 map).
+SIZES = [
+    (300, 400, "RGB"), (300, 400, "RGB"), (300, 400, "L"), (180, 240, "RGB"), (512, 769, "RGB"),
+    (400, 300, "CMYK"), (100, 150, "RGB"), (281, 281, "RGB"), (24, 30, "RGB"),
+]
+
+
+def _write_images(root, seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w, mode) in enumerate(SIZES):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(arr)
+        if i == 1:  # flat image with one rectangle: exact ties in the maps (SPEC S22)
+            img = Image.new("RGB", (w, h), (120, 130, 140))
+            ImageDraw.Draw(img).rectangle([w // 4, h // 4, w // 2, h // 2], fill=(250, 10, 10))
+        p = root / f"img{i}.jpg"
+        img.convert(mode).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _write_images(tmp_path_factory.mktemp("imgs"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, images):
+    """A realistic random ResNet-50 (BN recalibrated + jittered), saved as a user's state dict."""
+    model = jitter_bn(build_dml_model("resnet50", seed=11), seed=5, images=images[:4])
+    path = tmp_path_factory.mktemp("ckpt") / "my_backbone.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _reference_model(path):
+    model = build_dml_model("resnet50", seed=0)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def _cosines(a, b):
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = (a * b).sum(1) / np.where(both_zero, 1, na * nb)
+    return np.where(both_zero, 1.0, cos)
+
+
+def test_every_feature_matches_reference(images, checkpoint):
+    model = load_model("resnet50", "scda", checkpoint, device="cpu")
+    feats = extract_features(model, images, "scda", batch_size=4)
+    ref_model = _reference_model(checkpoint)
+    refs = [reference_features(ref_model, p, "scda") for p in images]
+    assert list(feats) == list(features_for("scda"))
+    for name, arr in feats.items():
+        assert arr.dtype == np.float32 and arr.shape == (len(images), FEATURES[name].dim)
+        ref = np.stack([r[name] for r in refs])
+        cos = _cosines(arr.astype(np.float64), ref.astype(np.float64))
+        assert cos.min() >= MIN_COSINE, f"{name}: min cosine {cos.min()} at row {cos.argmin()}"
+        # CFGA features are not trivially all-zero on this model
+        assert (np.linalg.norm(arr, axis=1) > 0).mean() > 0.5, name
+
+
+def test_batched_equals_batch_size_one_and_is_deterministic(images, checkpoint):
+    model = load_model("resnet50", "scda", checkpoint, device="cpu")
+    a = extract_features(model, images, "scda", batch_size=8)
+    b = extract_features(model, images, "scda", batch_size=1)
+    c = extract_features(model, images, "scda", batch_size=8)
+    for name in a:
+        assert _cosines(a[name].astype(np.float64), b[name].astype(np.float64)).min() >= MIN_COSINE, name
+        assert np.array_equal(a[name], c[name]), f"{name}: two CPU runs differ"
+
+
+def test_pil_inputs_equal_paths(images, checkpoint):
+    model = load_model("resnet50", "scda", checkpoint, device="cpu")
+    pils = [Image.open(p) for p in images[:3]]
+    a = extract_features(model, pils, "scda")
+    b = extract_features(model, images[:3], "scda")
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def test_resnet101_matches_reference(tmp_path, images):
+    model = jitter_bn(build_dml_model("resnet101", seed=2), seed=1, images=images[:2])
+    path = tmp_path / "r101.pth"
+    torch.save(model.state_dict(), path)
+    feats = extract_features(load_model("resnet101", "scda", path, device="cpu"), images[:2], "scda")
+    ref_model = build_dml_model("resnet101", seed=0)
+    ref_model.load_state_dict(torch.load(path, weights_only=True))
+    for i, p in enumerate(images[:2]):
+        ref = reference_features(ref_model.eval(), p, "scda")
+        for name in feats:
+            assert _cosines(feats[name][i : i + 1].astype(np.float64), ref[name][None].astype(np.float64))[0] >= MIN_COSINE
+
+
+def test_training_mode_model_is_refused(images, checkpoint):
+    model = load_model("resnet50", "scda", checkpoint, device="cpu").train()
+    with pytest.raises(ValueError, match="eval"):
+        extract_features(model, images[:1], "scda")

@@ -1,0 +1,125 @@
+"""Each numeric function of cfga on tiny inputs checked by hand."""
+import numpy as np
+import pytest
+import torch
+
+from cfga.aggregation import aggregate_response, grad_to_vector, kernel_response
+from cfga.features import FEATURES, PROTOCOL_FEATURES, TABLE5_COLUMNS, features_for
+from cfga.gradients import cfga_scalar, per_sample_weight_grad
+from cfga.scda import l2_normalize, largest_component, pooling_feature, scda_features, scda_mask
+
+
+def test_l2_normalize_zero_stays_zero():
+    v = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    out = l2_normalize(v)
+    assert torch.allclose(out[0], torch.tensor([0.6, 0.8]))
+    assert torch.equal(out[1], torch.zeros(2))
+
+
+def test_kernel_response_1x1_is_abs():
+    G = torch.tensor([[[[[-2.0]], [[3.0]]]]])  # [B=1, C_out=1, C_in=2, 1, 1]
+    assert torch.equal(kernel_response(G), torch.tensor([[[2.0, 3.0]]]))
+
+
+def test_kernel_response_3x3_range_plus_unbiased_std_no_abs():
+    taps = torch.arange(9, dtype=torch.float32) - 6.0  # -6..2: max 2, max(-g) 6, std of 0..8 = sqrt(7.5)
+    G = taps.view(1, 1, 1, 3, 3)
+    r = kernel_response(G)
+    assert r.shape == (1, 1, 1)
+    assert r.item() == pytest.approx(2 + 6 + np.sqrt(7.5), rel=1e-6)
+
+
+def test_aggregate_strict_selection_and_mean_over_outputs():
+    # r [C_out=2, C_in=3]
+    r = torch.tensor([[[1.0, 4.0, 1.0], [3.0, 2.0, 1.0]]])
+    # colmeans: [2, 3, 1]; rowmeans: [2, 2]
+    # keep: (0,1): 4>3 & 4>2 → yes; (1,0): 3>2 & 3>2 → yes; (0,2)/(1,2): 1>1 is false (strict)
+    v = aggregate_response(r)
+    assert torch.allclose(v, torch.tensor([[3 / 2, 4 / 2, 0.0]]))
+
+
+def test_grad_to_vector_all_equal_gives_zeros():
+    G = torch.ones(2, 4, 3, 1, 1)  # every r equal → no strict selection → v = 0 → zeros
+    assert torch.equal(grad_to_vector(G), torch.zeros(2, 3))
+
+
+def test_threshold_is_strict_and_lcc_picks_largest_then_first():
+    F = torch.zeros(1, 3, 4)
+    F[0, 0, 0] = 5  # single cell component (first in raster order)
+    F[0, 2, 0:2] = 5  # two-cell component
+    F[0, 0, 3] = 1  # below mean? mean = 16/12 = 1.33 → not selected
+    assert scda_mask(F, lcc=False).sum() == 3
+    M = scda_mask(F, lcc=True)
+    assert M.sum() == 2 and M[2, 0] and M[2, 1]
+
+
+def test_lcc_tie_goes_to_first_component():
+    B = np.array([[0, 1, 0, 0], [0, 0, 0, 1]], dtype=bool)
+    M = largest_component(B)
+    assert M[0, 1] and not M[1, 3]
+
+
+def test_lcc_uses_4_connectivity():
+    B = np.array([[1, 0], [0, 1]], dtype=bool)  # diagonal: two components under 4-connectivity
+    assert largest_component(B).sum() == 1
+
+
+def test_empty_mask_with_lcc_is_whole_map():
+    F = torch.ones(2, 1, 1)  # 1×1 map (input ≤ 32 px): S is constant, B is empty
+    assert scda_mask(F, lcc=True).all()
+
+
+def test_scda_features_hand_computed():
+    F = torch.tensor([[[1.0, 3.0]], [[2.0, 0.0]]])  # C=2, 1×2
+    M = torch.tensor([[True, True]])
+    scda, orig = scda_features(F, M, float64=True)
+    avg, mx = np.array([2.0, 1.0]), np.array([3.0, 2.0])
+    cat = np.concatenate([avg, mx])
+    np.testing.assert_allclose(scda.numpy(), cat / np.linalg.norm(cat), rtol=1e-12)
+    np.testing.assert_allclose(
+        orig.numpy(), np.concatenate([avg / np.linalg.norm(avg), mx / np.linalg.norm(mx)]), rtol=1e-12
+    )
+    # masked mean divides by |M|, not h·w
+    scda1, _ = scda_features(F, torch.tensor([[False, True]]), float64=True)
+    cat1 = np.array([3.0, 0.0, 3.0, 0.0])
+    np.testing.assert_allclose(scda1.numpy(), cat1 / np.linalg.norm(cat1), rtol=1e-12)
+
+
+def test_pooling_is_gap_then_gmp_concatenated_then_normalised():
+    F = torch.tensor([[[1.0, 3.0]], [[2.0, 0.0]]])
+    cat = np.array([2.0, 1.0, 3.0, 2.0])
+    np.testing.assert_allclose(pooling_feature(F).numpy(), cat / np.linalg.norm(cat), rtol=1e-6)
+
+
+def test_scalar_gradient_first_argmax_and_coef_over_hw():
+    F = torch.tensor([[[[2.0, 2.0], [1.0, 0.0]]]], requires_grad=True)  # tie at the max
+    mask = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
+    coef = torch.tensor([4 / 3])
+    L = cfga_scalar(F, mask, coef)
+    (g,) = torch.autograd.grad(L, F)
+    base = (4 / 3) / 4
+    expected = torch.tensor([[[[1 + base, base], [base, 0.0]]]])  # max grad to the FIRST argmax only
+    assert torch.allclose(g, expected)
+
+
+@pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
+def test_per_sample_weight_grad_matches_autograd_per_image(k, pad):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 4, k, padding=pad, bias=False)
+    X = torch.randn(3, 5, 6, 7)
+    Y = conv(X)
+    dY = torch.randn_like(Y)
+    G = per_sample_weight_grad(X, dY, conv)
+    for n in range(3):
+        conv.zero_grad()
+        conv(X[n : n + 1]).backward(dY[n : n + 1])
+        torch.testing.assert_close(G[n], conv.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_registry_is_consistent():
+    assert features_for("scda") == PROTOCOL_FEATURES["scda"]
+    assert set(TABLE5_COLUMNS) <= set(FEATURES)
+    assert FEATURES["cfga_plus"].dim == FEATURES["cfga_4_1_2"].dim + FEATURES["cfga_4_2_2"].dim
+    assert [FEATURES[f].dim for f in ("cfga_4_1_1", "cfga_4_1_2", "cfga_4_1_3")] == [2048, 512, 512]
+    with pytest.raises(ValueError, match="unknown protocol"):
+        features_for("nope")
