@@ -1,7 +1,11 @@
 # cfga: raw archives → manifests → features → Recall@K / MAP@R → paper tables.
 # Thin on purpose: config + validation and target lists live in rules/common.smk.
 
-configfile: "config.yaml"
+# The embedded default, unless a config was given (`--configfile configs/paper.yaml`): merging
+# the two would add the synthetic datasets to a real run.
+if not config.get("datasets"):
+
+    configfile: "config.yaml"
 
 
 include: "rules/common.smk"

@@ -34,6 +34,24 @@ def _maxrss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=60000, help="number of items (query = gallery)")
@@ -69,6 +87,7 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
+    load_before = _loadavg()
     rss0 = _maxrss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -86,7 +105,7 @@ def main(argv=None) -> dict:
         "dim": args.dim,
         "classes": classes,
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "threads": args.threads,
         "block_size": args.block_size,
         "warmup_s": round(t_warm, 3),
@@ -94,6 +113,8 @@ def main(argv=None) -> dict:
         "median_s": round(med, 3),
         "peak_extra_mb": round(peak_bytes / 2**20, 1),
         "peak_rss_mb": round(_maxrss_bytes() / 2**20, 1),
+        "loadavg_before": load_before,  # other processes competing for the cores skew timings
+        "loadavg_after": _loadavg(),
         "metrics": {k: round(v, 6) for k, v in result.items()},
     }
     print(f"{'N':>8} {'D':>5} {'classes':>8} {'device':>7} {'thr':>4} {'median s':>9} {'peak extra MB':>14}")

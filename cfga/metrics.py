@@ -16,34 +16,49 @@ Definitions (query set = gallery set = all N rows, similarity = raw dot product,
 
 Algorithm (one pass over blocks of query rows; the N x N matrix is never materialised):
 
-1. Rows are sorted by label (stable), so the same-label items of a block of queries occupy one
-   contiguous column window. Original indices are kept for the MAP@R tie-break.
+1. Rows are sorted by label (stable), so each row's same-label items are one contiguous column
+   range. Original indices are kept for the MAP@R tie-break.
 2. For each block of ``B`` query rows: one matmul ``A = X_b @ X^T`` (``B x N``, the *screening*
-   similarities), the self column set to ``-inf``, then one ``topk`` per row (``k`` about
-   ``max(max(ks) + 2, max R_i) + 8``). Recall and MAP@R share ``A`` and the ``topk`` lists.
-3. Every *decision* (is ``s_ij > t_i``? which items form the top ``R_i`` and in which order? which
-   value is ``t_i``?) is taken on the **canonical similarity** ``s_ij``: the float64 dot product
-   computed with a fixed pairwise summation (products ``x_ik * y_jk`` in float64, zero-padded to a
-   power of two, then halves added level by level). It depends only on the two vectors, never on
-   the block size, the BLAS library, the matmul shape or the device.
-4. The screening values are used only to rule pairs out or in when the decision is certain. With
-   ``u_s`` the unit roundoff of the screening dtype and ``u = 2^-53``,
+   similarities) into a reused buffer, the self column set to ``-inf``, then one ``topk`` per row
+   with ``k = min(N-1, max(max(ks) + 2, max R_i in the block) + 8)``. Recall and MAP@R read the
+   same ``A`` and the same ``topk`` lists.
+3. Every *decision* (is ``s_ij > t_i``? which items form the top ``R_i``, in which order?) is taken
+   on the **canonical similarity** ``s_ij``: the float64 dot product computed with a fixed pairwise
+   summation (products ``x_ik * x_jk`` in float64, zero-padded to a power of two, then halves added
+   level by level, each step one correctly rounded IEEE operation). It depends only on the two
+   vectors, never on the block size, the BLAS library, the matmul shape or the device.
+4. Screening values only rule pairs in or out when the decision is certain. With ``u_s`` the unit
+   roundoff of the screening dtype and ``u = 2^-53``::
 
-       |A_ij - s_ij| <= E_i = 2 * [(gamma_{D+2}(u_s) + gamma_{ceil(log2 D)+1}(u)) * |x_i| * max_j |x_j|
-                                   + underflow terms],      gamma_n(v) = n v / (1 - n v),
+       |A_ij - s_ij| <= E_i / 2,   E_i = 2 * [(gamma_{D+2}(u_s) + gamma_{ceil(log2 D)+1}(u))
+                                              * |x_i| * max_j |x_j| + underflow terms],
+       gamma_n(v) = n v / (1 - n v),
 
-   which holds for any summation order (blocked, FMA, GPU) of a plain dot-product matmul
-   (Higham, Accuracy and Stability, §3.1; the ``+2`` covers rounding float64 inputs to float32,
-   the underflow terms cover gradual underflow and flush-to-zero). Thresholds ``t_i +- E_i`` are
-   rounded *outwards* to the screening dtype, so comparisons of ``A`` with them are exact.
-   Hence: ``A_ij > hi_i`` proves ``s_ij > t_i``; ``A_ij < lo_i`` proves ``s_ij < t_i``; every
-   pair in between is recomputed canonically. For ``t_i`` itself, the top-2 screened same-label
-   values ``v1 >= v2`` are found and every same-label item with ``A >= v2 - 2E_i`` (a superset of
-   the true top two) is recomputed; ``s_ii`` is always canonical. For MAP@R, every item with
-   ``A >= v_R - 2E_i`` (``v_R`` the R-th screened value; a superset of the true top R including
-   index-tied items) is recomputed and sorted by ``(-s, original index)``. If a row's ``topk``
-   list is too short to contain all the items the argument needs (long runs of ties), that row
-   falls back to a full-row scan of ``A``; the result is the same, only slower.
+   valid for any summation order (blocked, FMA, GPU) of a plain dot-product matmul (Higham,
+   *Accuracy and Stability of Numerical Algorithms*, §3.1; the ``+2`` covers rounding float64
+   inputs to float32, the underflow terms cover gradual underflow and flush-to-zero; the leading
+   2 is a safety factor). Thresholds are rounded *outwards* to the screening dtype, so comparing
+   ``A`` with them is exact.
+
+   * Recall: ``t~_i``, the second-largest screening value of {self, top-2 screened positives}, is
+     within ``E_i/2`` of the canonical ``t_i`` (order statistics are 1-Lipschitz). With
+     ``hi = up(t~ + 2E)`` and ``lo = down(t~ - 2E)``, ``A_ij > hi`` proves ``s_ij > t_i`` and
+     ``A_ij < lo`` proves ``s_ij < t_i``. Different-label items in between are recomputed and
+     compared with the canonical ``t_i``, itself computed (for those rows only) from ``s_ii`` and
+     every positive with screening value ``>= v2 - 2E`` (a superset of the true top two). The
+     ``topk`` list suffices when its last value is ``< lo`` (everything outside it is certainly
+     below ``t_i``) or when it already holds ``>= max(ks)`` certain negatives (a miss at every K);
+     otherwise the row is scanned in full.
+   * MAP@R: each ``topk`` list is cut into clusters of consecutive values less than ``2E`` apart;
+     across a wider gap the true order is certain. Items of multi-item clusters up to the one
+     holding the ``R_i``-th entry are recomputed canonically; the row is sorted by (cluster,
+     ``-s``, original index) and its first ``R_i`` items taken. If that boundary cluster reaches
+     the end of the list, the row is scanned in full instead: every item with
+     ``A >= v_R - 2E`` (a superset of the true top ``R_i``, index-tied items included) is
+     recomputed and sorted by ``(-s, original index)``.
+   * AP@R_i is summed left to right per query, and the mean over queries uses ``math.fsum``
+     (correctly rounded), so MAP@R is bitwise independent of the block size and the device.
+
 5. Screening dtype: float32 on CPU (sgemm is ~2x faster than dgemm; at 60k x 512 on 2 cores the
    float64 matmul alone would take ~2.5 min), float64 on CUDA (fp64 tensor cores are as fast as
    fp32 on H100-class parts). float64 screening is also used on CPU when the features are too

@@ -317,8 +317,8 @@ def _tie_free_data(scale):
     for seed in range(200):
         rng = np.random.default_rng(seed)
         n, d = 120, 24
-        X = rng.standard_normal((n, d))
         y = _labels(rng, n, 24)
+        X = rng.standard_normal((24, d))[y] + 0.8 * rng.standard_normal((n, d))  # clustered
         if scale == "unit":
             X /= np.linalg.norm(X, axis=1, keepdims=True)
         else:
