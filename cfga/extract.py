@@ -7,6 +7,7 @@ identical to a batch-size-1 run up to float summation order (SPEC S13).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections import defaultdict
 from typing import Sequence
@@ -18,11 +19,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .aggregation import grad_to_vector
-from .features import CFGA_LAYERS, cfga_name
+from .features import CFGA_LAYERS, cfga_name, feature_dim
 from .gradients import Layer4Tail, cfga_scalar, trunk_to_layer4_0
 from .preprocess import ImageLike, cap_700, output_size, peek_size, preprocess
 from .protocols import Protocol, get_protocol
-from .scda import pooling_feature, scda_features, scda_mask
+from .scda import l2_normalize, pooling_feature, scda_features, scda_mask
+
+
+log = logging.getLogger(__name__)
 
 
 class FeatureError(RuntimeError):
@@ -42,13 +46,42 @@ def exact_float32():
 
 
 def image_level_features(F: torch.Tensor, protocol: Protocol) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Mask and mask-free features of ONE map F [C, h, w] → ({name: [D]}, mask bool [h, w])."""
+    """Mask and mask-free features of ONE map F [C, h, w] → ({name: [D]}, mask bool [h, w]).
+
+    Without LCC an empty mask (constant map, e.g. a 1×1 map from an input ≤ 32 px) would divide
+    by zero in the authors' code (SPEC S6); here it falls back to the whole map, with a warning.
+    """
     mask = scda_mask(F, protocol.lcc)
-    scda, original = scda_features(F, mask, float64=protocol.lcc)
-    feats = {"scda": scda.float(), "scda_original": original.float()}
-    if "pooling" in protocol.features:
-        feats["pooling"] = pooling_feature(F)
+    if not bool(mask.any()):
+        log.warning("empty SCDA mask (constant layer4 map of size %s): using the whole map", tuple(F.shape[1:]))
+        mask = torch.ones_like(mask)
+    feats = {}
+    if "scda" in protocol.features:
+        scda, original = scda_features(F, mask, float64=protocol.lcc)
+        feats.update(scda=scda.float(), scda_original=original.float())
+    if "pooling" in protocol.features or protocol.embedding == "pooling":
+        pooled = pooling_feature(F)
+        if "pooling" in protocol.features:
+            feats["pooling"] = pooled
+        if protocol.embedding == "pooling":
+            feats["embedding"] = pooled
     return feats, mask
+
+
+def head_embedding(net: nn.Module, F: torch.Tensor, kind: str) -> torch.Tensor:
+    """The DML heads (SPEC §4.4) on maps F [B, C, h, w] → [B, 512], re-normalised as the authors do.
+
+    "gmp": normalize(fc(GMP(F))) (torch eps 1e-12); "gmp_gap": z / sqrt(Σz² + 1e-12), z = fc(GMP + GAP).
+    """
+    gmp = F.amax(dim=(2, 3))
+    if kind == "gmp":
+        e = Fn.normalize(net.fc(gmp), dim=1)
+    elif kind == "gmp_gap":
+        z = net.fc(gmp + F.mean(dim=(2, 3)))
+        e = z / torch.sqrt(torch.sum(z * z, dim=1, keepdim=True) + 1e-12)
+    else:
+        raise ValueError(f"unknown embedding head {kind!r}")
+    return l2_normalize(e)
 
 
 def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
@@ -73,6 +106,9 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[
 
     L = cfga_scalar(F, mask_t, coef)
     out = {k: torch.stack(v) for k, v in per_image.items()}
+    if protocol.embedding in ("gmp", "gmp_gap"):
+        with torch.no_grad():
+            out["embedding"] = head_embedding(net, Fd, protocol.embedding)
     for i, G in tail.weight_grads(L):
         b, c = CFGA_LAYERS[i]
         out[cfga_name(b, c)] = grad_to_vector(G)
@@ -136,6 +172,9 @@ def extract_features(
     device = model_device(model)
     if model.training:
         raise ValueError("model must be in eval() mode (BN running statistics; SPEC §3)")
+    if proto.embedding in ("gmp", "gmp_gap") and getattr(model.fc, "out_features", None) != 512:
+        raise ValueError(f"protocol {proto.name} needs the 512-d embedding head as model.fc (load the "
+                         "checkpoint with cfga.load_model)")
     if batch_size is None:
         batch_size = 32 if device.type == "cuda" else 8
     if num_workers is None:
@@ -164,6 +203,5 @@ def extract_features(
                 out[name][idx.numpy()] = arr
             bar.update(len(idx))
     if not images:
-        from .features import FEATURES
-        out = {n: np.zeros((0, FEATURES[n].dim), np.float32) for n in proto.features}
+        out = {n: np.zeros((0, feature_dim(n, proto.name)), np.float32) for n in proto.features}
     return out

@@ -49,22 +49,33 @@ FEATURES: dict[str, Feature] = {
             for b, c in CFGA_LAYERS
         ],
         Feature("cfga_plus", 1024, "CFGA+", "layer4_conv2_weight.json"),
-        # The DML protocols' own embedding (issue 3); 512-d for ms/proxy_anchor, 4096 for dgpcrl.
+        # The DML protocols' own embedding: 512-d for ms/proxy_anchor, 4096 for dgpcrl (feature_dim).
         Feature("embedding", 512, "embedding", "embedding_max_avg.json"),
     ]
 }
 
 CFGA_FEATURES: tuple[str, ...] = tuple(cfga_name(b, c) for b, c in CFGA_LAYERS)
 
-# Features each protocol produces, in storage order.
+# Features each protocol produces, in storage order (SPEC §1.3, §5.5).
 PROTOCOL_FEATURES: dict[str, tuple[str, ...]] = {
     "scda": ("pooling", "scda", "scda_original", *CFGA_FEATURES, "cfga_plus"),
+    "ms": ("embedding", "scda", "scda_original", *CFGA_FEATURES, "cfga_plus"),
+    "proxy_anchor": ("embedding", *CFGA_FEATURES, "cfga_plus"),
+    "dgpcrl": ("embedding", "scda", "scda_original", *CFGA_FEATURES, "cfga_plus"),
 }
+
+# Where a protocol's feature differs from FEATURES' dimension: DGPCRL's embedding is Pooling.
+_PROTOCOL_DIMS: dict[tuple[str, str], int] = {("dgpcrl", "embedding"): 4096}
 
 # Table 5 columns, in the paper's order (SPEC §1.3).
 TABLE5_COLUMNS: tuple[str, ...] = ("pooling", "scda", "cfga_plus", *CFGA_FEATURES)
 
 RECALL_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+
+def feature_dim(name: str, protocol: str | None = None) -> int:
+    """Row length of feature ``name`` under ``protocol`` (ResNet-50/101/152 trunks)."""
+    return _PROTOCOL_DIMS.get((protocol, name), FEATURES[name].dim)
 
 
 def features_for(protocol: str) -> tuple[str, ...]:

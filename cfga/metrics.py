@@ -512,13 +512,16 @@ def _map_block(prep: _Prep, blk: _Block) -> torch.Tensor:
     pr, pk = ((cid <= cid_r) & multi & ok[:, None]).nonzero(as_tuple=True)
     S = tv.clone()
     S[pr, pk] = _canonical_dot(prep.xc, prep.orig[blk.rows[pr]], prep.orig[topi[pr, pk]])
-    og = prep.orig[topi]
-    # sort each row by (cluster, -s, original index)
-    o = torch.argsort(og, dim=1, stable=True)
-    o = o.gather(1, torch.argsort(S.gather(1, o), dim=1, descending=True, stable=True))
-    o = o.gather(1, torch.argsort(cid.gather(1, o), dim=1, stable=True))
     m = int(prep.r_cpu[blk.b0 : blk.b0 + B].max())
-    rel = prep.lab[topi.gather(1, o[:, :m])] == blk.lab[:, None]
+    ranked = topi[:, :m].clone()
+    srt = torch.unique(pr)  # rows whose first R_i entries are not all in singleton clusters
+    if srt.numel():  # sort those rows by (cluster, -s, original index); the rest keep list order
+        ti, cs, ss = topi[srt], cid[srt], S[srt]
+        o = torch.argsort(prep.orig[ti], dim=1, stable=True)
+        o = o.gather(1, torch.argsort(ss.gather(1, o), dim=1, descending=True, stable=True))
+        o = o.gather(1, torch.argsort(cs.gather(1, o), dim=1, stable=True))
+        ranked[srt] = ti.gather(1, o[:, :m])
+    rel = prep.lab[ranked] == blk.lab[:, None]
     pos = torch.arange(1, m + 1, device=dev, dtype=torch.float64)
     relm = (rel & (pos[None, :] <= blk.r[:, None])).to(torch.float64)
     terms = torch.cumsum(relm, 1) / pos * relm  # P@k * rel_k

@@ -1,7 +1,7 @@
 """Evaluation protocols (SPEC §1.1): how each table row preprocesses and masks.
 
-Only the ImageNet ``scda`` protocol is defined so far; the DML protocols (ms, proxy_anchor,
-dgpcrl) plug in here with their own ``Resize`` and ``lcc=False``.
+``scda``: ImageNet rows (Table 5, Table 3 "Pre-trained"); ``ms``: MS loss, CosFace, ArcFace;
+``proxy_anchor``; ``dgpcrl``. Only ``scda`` keeps the largest connected component (SPEC S5).
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ class Protocol:
     name: str
     resize: Resize
     lcc: bool
+    # How the table's "embedding" comes from the layer4 map: None (no embedding feature),
+    # "gmp" = L2(L2(fc(GMP))), "gmp_gap" = L2(fc(GMP+GAP)/sqrt(Σ²+1e-12)), "pooling" = Pooling.
+    embedding: str | None = None
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -27,7 +30,14 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "scda": Protocol("scda", Resize(short=256, upsample=False, crop=None), lcc=True),
+    "ms": Protocol("ms", Resize(short=256, upsample=True, crop=227), lcc=False, embedding="gmp"),
+    "proxy_anchor": Protocol("proxy_anchor", Resize(short=256, upsample=True, crop=224), lcc=False,
+                             embedding="gmp_gap"),
+    "dgpcrl": Protocol("dgpcrl", Resize(short=280, upsample=False, crop=None), lcc=False, embedding="pooling"),
 }
+
+# Protocols whose network carries a 512-d embedding head (``fc = Linear(2048, 512)``).
+HEADED = ("ms", "proxy_anchor")
 
 
 def get_protocol(name: str | Protocol) -> Protocol:

@@ -111,3 +111,30 @@ def test_training_mode_model_is_refused(images, checkpoint):
     model = load_model("resnet50", "scda", checkpoint, device="cpu").train()
     with pytest.raises(ValueError, match="eval"):
         extract_features(model, images[:1], "scda")
+
+
+@pytest.mark.parametrize("protocol", ["ms", "proxy_anchor", "dgpcrl"])
+def test_dml_protocols_match_reference(images, protocol):
+    model = jitter_bn(build_dml_model("resnet50", seed=7, protocol=protocol), seed=3, images=images[:3],
+                      protocol=protocol)
+    imgs = [p for p, (h, w, _) in zip(images, SIZES) if min(h, w) > 32][:5]
+    feats = extract_features(model, imgs, protocol, batch_size=4)
+    assert list(feats) == list(features_for(protocol))
+    for i, p in enumerate(imgs):
+        ref = reference_features(model, p, protocol)
+        assert set(ref) >= set(feats)
+        for name in feats:
+            cos = _cosines(feats[name][i : i + 1].astype(np.float64), ref[name][None].astype(np.float64))[0]
+            assert cos >= MIN_COSINE, f"{protocol}/{name} image {i}: cosine {cos}"
+
+
+def test_empty_mask_without_lcc_falls_back_to_whole_map(images, caplog):
+    """SPEC S6: a ≤ 32 px image gives a 1×1 map; the authors crash without LCC, we use the whole map."""
+    model = build_dml_model("resnet50", seed=7, protocol="dgpcrl")
+    tiny = [p for p, (h, w, _) in zip(images, SIZES) if min(h, w) <= 32]
+    with caplog.at_level("WARNING", logger="cfga.extract"):
+        feats = extract_features(model, tiny, "dgpcrl")
+    assert "empty SCDA mask" in caplog.text
+    # whole-map mask: SCDA equals Pooling's [avg; max] on the 1×1 map
+    np.testing.assert_allclose(feats["scda"], feats["embedding"], rtol=1e-6)
+    assert all(np.isfinite(v).all() for v in feats.values())

@@ -1,0 +1,287 @@
+"""Fine-tune a ResNet with a deep-metric-learning loss and save it in the authors' format.
+
+Offline stand-in for the authors' trained DML checkpoints (SPEC §1.1): start from a torchvision
+backbone state, add a 512-d embedding head, train it with pytorch-metric-learning, and write the
+result in exactly the layout the evaluation loads (:mod:`cfga.checkpoints`):
+
+==============  =====================================  ================  ==================
+loss            embedding (trained = evaluated)        pml loss          saved format
+==============  =====================================  ================  ==================
+``ms``          L2(Linear(GMP(F)))                     MultiSimilarity   ``ms``
+                                                       (+ its miner)
+``cosface``     L2(Linear(GMP(F)))                     CosFace           ``ms``
+``arcface``     L2(Linear(GMP(F)))                     ArcFace           ``ms``
+``proxy_anchor`` L2(Linear(GMP(F) + GAP(F)))           ProxyAnchor       ``proxy_anchor``
+==============  =====================================  ================  ==================
+
+Choices (recorded by :func:`settings_record`):
+
+* **BatchNorm frozen** (eval mode, affine parameters fixed). Batches hold only
+  ``batch_size / m_per_class`` classes of a few images, so batch statistics would be noisy and
+  would drift the running statistics away from the backbone's; the evaluation runs in eval mode,
+  so with frozen BN the training forward is exactly the evaluated forward; and the authors'
+  Proxy-Anchor training freezes BN by default too.
+* **Learning rates:** AdamW; the backbone at ``lr``, the new embedding Linear at
+  ``HEAD_LR_MULT × lr``, the loss's own parameters (proxies / class weights of Proxy Anchor,
+  CosFace, ArcFace) at ``LOSS_LR_MULT × lr`` without weight decay (Proxy Anchor's published
+  setting is proxies at 100× the backbone lr). Constant lr: the runs are a few epochs long.
+* **Sampler:** :class:`pytorch_metric_learning.samplers.MPerClassSampler`, m images per class
+  per batch (classes with fewer images are drawn with replacement); one epoch = as many
+  samples as there are training images, rounded down to whole batches (at least one batch).
+* Mixed precision (autocast fp16 + GradScaler) only on CUDA; the head and the loss always run
+  in float32. On CPU a run is deterministic given ``settings.seed`` (and the thread count).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoints import (
+    EMBED_DIM,
+    FEAT_DIM,
+    dml_embedding,
+    head_embedding,
+    save_ms,
+    save_proxy_anchor,
+    to_torchvision,
+    trunk_features,
+)
+from .models import ARCHS
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("ms", "proxy_anchor", "cosface", "arcface")
+# Embedding head the loss trains (= the head its evaluation protocol uses), and the saved format.
+HEAD_FOR_LOSS = {"ms": "ms", "cosface": "ms", "arcface": "ms", "proxy_anchor": "proxy_anchor"}
+FORMAT_FOR_LOSS = {"ms": "ms", "cosface": "ms", "arcface": "ms", "proxy_anchor": "proxy_anchor"}
+
+HEAD_LR_MULT = 10.0
+LOSS_LR_MULT = 100.0
+FREEZE_BN = True
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """epochs: passes over the train split; image_size: square training crop in px;
+    batch_size: images per step (clamped to m_per_class × classes, a multiple of m_per_class);
+    lr: backbone learning rate (head ×10, loss parameters ×100); m_per_class: sampler's m."""
+
+    epochs: int = 3
+    image_size: int = 128
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    m_per_class: int = 4
+    seed: int = 0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # MPerClassSampler draws from numpy's global generator
+    torch.manual_seed(seed)  # torchvision's random transforms draw from torch's
+
+
+def build_loss(loss: str, num_classes: int):
+    """→ (pml loss module, miner or None) with the papers' usual hyper-parameters (pml defaults)."""
+    from pytorch_metric_learning import losses, miners
+
+    if loss == "ms":
+        return losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(epsilon=0.1)
+    if loss == "proxy_anchor":
+        return losses.ProxyAnchorLoss(num_classes, EMBED_DIM, margin=0.1, alpha=32), None
+    if loss == "cosface":
+        return losses.CosFaceLoss(num_classes, EMBED_DIM, margin=0.35, scale=64), None
+    if loss == "arcface":
+        return losses.ArcFaceLoss(num_classes, EMBED_DIM, margin=28.6, scale=64), None
+    raise ValueError(f"unknown DML loss {loss!r}; known: {', '.join(LOSSES)}")
+
+
+def _freeze_bn(net: nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
+def effective_batch_size(settings: TrainSettings, n_classes: int) -> int:
+    """settings.batch_size clamped to what MPerClassSampler allows: a multiple of m, ≤ m·classes."""
+    m = settings.m_per_class
+    bs = min(settings.batch_size, m * n_classes)
+    bs -= bs % m
+    if bs < 2 * m:
+        raise ValueError(
+            f"batch_size {settings.batch_size} with m_per_class {m} and {n_classes} classes leaves "
+            f"fewer than two classes per batch; a DML loss needs negatives (batch_size ≥ {2 * m})"
+        )
+    return bs
+
+
+def embed(net: nn.Module, x: torch.Tensor, loss: str) -> torch.Tensor:
+    """The evaluated embedding of a net trained with ``loss`` (cfga.checkpoints.dml_embedding)."""
+    return dml_embedding(net, x, HEAD_FOR_LOSS[loss])
+
+
+def train_dml(
+    backbone_state: dict,
+    arch: str,
+    images: Sequence,
+    labels: Sequence[int],
+    loss: str,
+    settings: TrainSettings,
+    *,
+    device: str | torch.device,
+    progress: bool = False,
+) -> tuple[nn.Module, list[dict]]:
+    """Fine-tune ``arch`` from ``backbone_state`` with DML ``loss`` → (net in eval mode, history).
+
+    backbone_state: a torchvision state dict (``fc.*`` dropped; the trunk is loaded strictly);
+    images: paths or PIL images; labels: any ints (remapped to 0..C-1 in sorted order).
+    The returned net is a torchvision ResNet whose ``fc`` is the trained ``Linear(2048, 512)``
+    embedding head, on ``device``; its embedding is :func:`embed` (``HEAD_FOR_LOSS[loss]``).
+    history: one ``{epoch, loss, steps}`` per epoch (mean loss over the epoch's steps).
+    """
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    if loss not in LOSSES:
+        raise ValueError(f"unknown DML loss {loss!r}; known: {', '.join(LOSSES)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    device = torch.device(device)
+    classes = sorted(set(int(x) for x in labels))
+    if len(classes) < 2:
+        raise ValueError("DML training needs at least two classes")
+    remap = {c: i for i, c in enumerate(classes)}
+    y = torch.tensor([remap[int(x)] for x in labels])
+    bs = effective_batch_size(settings, len(classes))
+    if bs != settings.batch_size:
+        log.info("batch size %d → %d (m_per_class %d, %d classes)", settings.batch_size, bs,
+                 settings.m_per_class, len(classes))
+    head = HEAD_FOR_LOSS[loss]
+    use_amp = device.type == "cuda"
+
+    trunk, _ = to_torchvision(backbone_state, "torchvision", arch, path="<backbone state>")
+    _seed_everything(settings.seed)
+    net = ARCHS[arch](weights=None)
+    net.fc = nn.Linear(FEAT_DIM, EMBED_DIM)
+    net.load_state_dict({**net.state_dict(), **trunk}, strict=True)
+    net.to(device)
+    loss_fn, miner = build_loss(loss, len(classes))
+    loss_fn.to(device)
+
+    s = settings.image_size
+    # Decode once, keep a small copy: the epochs then cost only the network.
+    small = [T.functional.resize(load_rgb(im), int(s * 1.15)) for im in images]
+    aug = T.Compose(
+        [
+            T.RandomResizedCrop(s, scale=(0.4, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    sampler = MPerClassSampler(y.numpy(), settings.m_per_class, batch_size=bs,
+                               length_before_new_iter=max(len(y), bs))
+
+    if FREEZE_BN:
+        _freeze_bn(net)
+    bn_params = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 for p in m.parameters()}
+    groups = [
+        {"params": [p for n, p in net.named_parameters()
+                    if not n.startswith("fc.") and p.requires_grad and id(p) not in bn_params],
+         "lr": settings.lr},
+        {"params": list(net.fc.parameters()), "lr": settings.lr * HEAD_LR_MULT},
+    ]
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "lr": settings.lr * LOSS_LR_MULT, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    history = []
+    for epoch in tqdm(range(settings.epochs), desc=f"train {loss}", unit="epoch", disable=not progress):
+        net.train()
+        if FREEZE_BN:
+            _freeze_bn(net)
+        order = list(iter(sampler))
+        losses, steps = [], 0
+        for j in range(0, len(order) - bs + 1, bs):
+            idx = order[j : j + bs]
+            x = torch.stack([aug(small[i]) for i in idx]).to(device)
+            t = y[idx].to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                F = trunk_features(net, x)
+            emb = head_embedding(net.fc, F.float(), head)
+            pairs = miner(emb, t) if miner is not None else None
+            value = loss_fn(emb, t, pairs)
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"{loss} loss became {float(value)} in epoch {epoch + 1}; lower lr (now {settings.lr})"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(value).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(value))
+            steps += 1
+        rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
+        history.append(rec)
+        log.info("%s epoch %d loss %.4f (%d steps of %d)", loss, rec["epoch"], rec["loss"], steps, bs)
+    net.eval()
+    return net, history
+
+
+def save_trained(path, net: nn.Module, loss: str) -> None:
+    """Write ``net`` in the authors' format for ``loss``: ms/cosface/arcface → ms, proxy_anchor → proxy."""
+    fmt = FORMAT_FOR_LOSS.get(loss)
+    if fmt is None:
+        raise ValueError(f"unknown DML loss {loss!r}; known: {', '.join(LOSSES)}")
+    (save_ms if fmt == "ms" else save_proxy_anchor)(path, net)
+
+
+def settings_record(
+    settings: TrainSettings,
+    *,
+    loss: str,
+    arch: str,
+    n_images: int | None = None,
+    n_classes: int | None = None,
+    history: list[dict] | None = None,
+    backbone: str | None = None,
+    backbone_sha256: str | None = None,
+) -> dict:
+    """JSON-ready record of a training run, to write next to the checkpoint."""
+    import pytorch_metric_learning
+
+    rec = {
+        "loss": loss,
+        "format": FORMAT_FOR_LOSS[loss],
+        "embedding_head": HEAD_FOR_LOSS[loss],
+        "arch": arch,
+        "settings": asdict(settings),
+        "batch_size_used": effective_batch_size(settings, n_classes) if n_classes else None,
+        "optimizer": "AdamW",
+        "lr_multipliers": {"backbone": 1.0, "embedding_head": HEAD_LR_MULT, "loss_parameters": LOSS_LR_MULT},
+        "freeze_bn": FREEZE_BN,
+        "sampler": f"MPerClassSampler(m={settings.m_per_class})",
+        "augmentation": f"RandomResizedCrop({settings.image_size}, scale=(0.4, 1.0)) + RandomHorizontalFlip",
+        "n_images": n_images,
+        "n_classes": n_classes,
+        "backbone": backbone,
+        "backbone_sha256": backbone_sha256,
+        "history": list(history) if history is not None else None,
+        "versions": {"torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__},
+    }
+    return rec
