@@ -11,6 +11,7 @@ if not config.get("datasets"):
 include: "rules/common.smk"
 include: "rules/datasets.smk"
 include: "rules/models.smk"
+include: "rules/train.smk"
 include: "rules/features.smk"
 include: "rules/metrics.smk"
 include: "rules/tables.smk"

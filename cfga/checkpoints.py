@@ -186,9 +186,10 @@ def to_torchvision(obj, fmt: str, arch: str, *, path="<checkpoint>") -> tuple[di
     required, optional = _expected(fmt, arch)
 
     head_keys = {"class_fc.weight", "class_fc_2.weight"} if fmt == "dgpcrl" else set()
-    missing = sorted(k for k in required if k not in state and not k.endswith(_NBT))
-    unexpected = sorted(k for k in state if k not in required and k not in optional and k not in head_keys)
+    # Listed in the architecture's module order / the file's order: the first few are telling.
+    missing = [k for k in required if k not in state and not k.endswith(_NBT)]
     missing += sorted(k for k in head_keys if k not in state)
+    unexpected = [k for k in state if k not in required and k not in optional and k not in head_keys]
     if missing or unexpected:
         hint = ""
         try:
@@ -305,7 +306,8 @@ def load_checkpoint(
         net.fc = nn.Linear(FEAT_DIM, EMBED_DIM)
         full = {**trunk, "fc.weight": head["weight"], "fc.bias": head["bias"]}
     else:
-        net.fc = nn.Linear(FEAT_DIM, 1000)  # torchvision's default fc: random init, never used
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
+            net.fc = nn.Linear(FEAT_DIM, 1000)  # torchvision's default fc: random init, never used
         full = {**trunk, "fc.weight": net.fc.weight.detach(), "fc.bias": net.fc.bias.detach()}
     for k in _trunk_shapes(arch):
         if k.endswith(_NBT) and k not in full:

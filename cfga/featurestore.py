@@ -7,7 +7,6 @@ import platform
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 
 from . import io
 from .features import FEATURES
@@ -17,6 +16,8 @@ META_KEY = "meta_json"
 
 def provenance(*, checkpoint: str | None, manifest: str | None, device: str, extra: Mapping | None = None) -> dict:
     """Where a feature file came from: checkpoint and manifest sha256, versions, device."""
+    import torch  # here, not at import: reading a feature file must stay torch-free and fast
+
     from . import __version__
 
     meta = {
@@ -42,6 +43,8 @@ def save_features(
 ) -> None:
     """Write one feature file atomically; refuses non-finite values and wrong shapes."""
     n = len(labels)
+    if len(paths) != n:
+        raise ValueError(f"{len(paths)} paths for {n} labels; refusing to write {path}")
     arrays: dict[str, np.ndarray] = {}
     for name, arr in feats.items():
         if name not in FEATURES:

@@ -59,24 +59,29 @@ Algorithm (one pass over blocks of query rows; the N x N matrix is never materia
    * AP@R_i is summed left to right per query, and the mean over queries uses ``math.fsum``
      (correctly rounded), so MAP@R is bitwise independent of the block size and the device.
 
-5. Screening dtype: float32 on CPU (sgemm is ~2x faster than dgemm; at 60k x 512 on 2 cores the
-   float64 matmul alone would take ~2.5 min), float64 on CUDA (fp64 tensor cores are as fast as
+5. Screening dtype: float32 on CPU (sgemm runs at twice the dgemm rate here; the matmul is
+   60-75 % of the run time at 60k x 512, so float64 screening would not meet the 120 s budget
+   on 2 contended cores), float64 on CUDA (fp64 tensor cores are as fast as
    fp32 on H100-class parts). float64 screening is also used on CPU when the features are too
    large for float32 (max norm > 2^50) or when torch is allowed reduced-precision float32 matmuls
    (``torch.set_float32_matmul_precision`` other than ``"highest"``, or mkldnn bf16/tf32), since the
    bound above would not hold then.
 
-Exactness: the result equals, bit for bit, the literal per-query loop of SPEC §8.1 evaluated on the
-canonical float64 similarities, for every block size and device. Whenever the float64 dot products
+Exactness: every hit/miss and every MAP@R ranking equals that of the literal per-query loop of
+SPEC §8.1 / §8.3 evaluated on the canonical float64 similarities, for every block size and device
+(Recall@K is therefore identical bit for bit; MAP@R differs from a loop only by the rounding of
+its AP arithmetic, ~1e-16). Whenever the float64 dot products
 are exact (integer, binary or dyadic features of moderate size: duplicates, zero rows, the
 "tie that favours the query") this is also exactly what the authors' ``np.dot`` in float64 gives.
 For general floats, numpy's own float64 matmul differs between BLAS builds in the last bits; the
 canonical order is one such float64 evaluation, and the two can only disagree on a pair whose
 similarities coincide to within a few float64 ulps (never observed on random data).
 
-Cost at N = 60,000, D = 512 on 2 CPU cores: ~25 s of sgemm plus ~5-10 s of topk and canonical
-rechecks; peak extra memory ~ one ``B x N`` float32 block (<= 256 MB by default) + a float32 copy
-of the features. Pure functions: arrays in, numbers out, no I/O.
+Cost (``benchmarks/metrics_speed.py``, N = 60,000 random unit vectors, D = 512, ~11 per class,
+2 threads on a 2-core AMD EPYC shared with other jobs): 44-103 s per call depending on the load
+(sgemm ~ 22-45 s of it, topk ~ 4-9 s, the rest ~ 3 s); canonical rechecks ~ 1 per query. Peak
+extra memory ~ 0.42 GB: one ``B x N`` float32 block (<= 256 MB by default) + a float32 copy of
+the features sorted by label. Pure functions: arrays in, numbers out, no I/O.
 """
 from __future__ import annotations
 
@@ -86,14 +91,27 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
+
+
+class _LazyTorch:
+    """``torch``, imported on first use: a small CPU call (one table cell of a few thousand
+    images, one process per cell in the workflow) then never pays torch's ~2 s import."""
+
+    def __getattr__(self, name):
+        import torch as _torch
+
+        globals()["torch"] = _torch
+        return getattr(_torch, name)
+
+
+torch = _LazyTorch()
 
 __all__ = ["recall_at_k", "map_at_r", "retrieval_metrics", "DEFAULT_KS"]
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
 _BLOCK_BUDGET_BYTES = 256 * 2**20  # screening block (B x N) budget when block_size is None
-_CANON_CHUNK_BYTES = 32 * 2**20  # float64 product buffer per canonical-recheck chunk
+_CANON_CHUNK_BYTES = 4 * 2**20  # float64 product buffer per canonical-recheck chunk
 _TOPK_SLACK = 8  # extra topk entries beyond what the decisions need, to avoid row fallbacks
 _U64 = 2.0**-53
 _ETA64 = 2.0**-1022
@@ -273,25 +291,52 @@ def _canonical_dot(xc: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor) -> torc
 
     Products in float64 (exact for float32 inputs), zero-padded to a power of two, then summed
     pairwise, level by level: ``p[:, :h] += p[:, h:2h]``. Every step is one correctly rounded
-    IEEE float64 operation per element, so the value depends only on the two vectors (not on
-    the chunking, the BLAS library or the device). Returns float64 ``[M]``.
+    IEEE float64 operation per element, so the value depends only on the two vectors, not on the
+    chunking, the library or the device: on CPU numpy runs the very same operation sequence
+    (it avoids torch's per-op threading overhead on many small gathers); on CUDA torch does.
+    Returns float64 ``[M]`` on ``xc.device``.
     """
     m = int(ia.numel())
-    out = torch.empty(m, dtype=torch.float64, device=xc.device)
     if m == 0:
-        return out
+        return torch.empty(0, dtype=torch.float64, device=xc.device)
     d = xc.shape[1]
     dp = 1 if d <= 1 else 1 << (d - 1).bit_length()
     chunk = max(1, _CANON_CHUNK_BYTES // (8 * dp))
+    if xc.device.type == "cpu":
+        return _canonical_dot_numpy(xc, ia, ib, dp, chunk)
+    return _canonical_dot_torch(xc, ia, ib, dp, chunk)
+
+
+def _canonical_dot_numpy(xc, ia, ib, dp, chunk):
+    """CPU implementation of :func:`_canonical_dot` (same operation sequence, numpy ufuncs)."""
+    m, d = int(ia.numel()), xc.shape[1]
+    x = xc.numpy()
+    ia_n, ib_n = ia.numpy(), ib.numpy()
+    out = np.empty(m, dtype=np.float64)
+    buf = np.zeros((min(chunk, m), dp), dtype=np.float64)
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
-        if dp == d:
-            p = xc[ia[s:e]].to(torch.float64)
-            p.mul_(xc[ib[s:e]])
-        else:
-            p = torch.zeros((e - s, dp), dtype=torch.float64, device=xc.device)
-            p[:, :d] = xc[ia[s:e]]
-            p[:, :d].mul_(xc[ib[s:e]])
+        p = buf[: e - s]
+        np.multiply(x[ia_n[s:e]], x[ib_n[s:e]], out=p[:, :d], dtype=np.float64)
+        p[:, d:] = 0.0
+        w = dp
+        while w > 1:
+            h = w // 2
+            np.add(p[:, :h], p[:, h:w], out=p[:, :h])
+            w = h
+        out[s:e] = p[:, 0]
+    return torch.from_numpy(out)
+
+
+def _canonical_dot_torch(xc, ia, ib, dp, chunk):
+    """Device (CUDA) implementation of :func:`_canonical_dot` (torch elementwise ops)."""
+    m, d = int(ia.numel()), xc.shape[1]
+    out = torch.empty(m, dtype=torch.float64, device=xc.device)
+    for s in range(0, m, chunk):
+        e = min(m, s + chunk)
+        p = torch.zeros((e - s, dp), dtype=torch.float64, device=xc.device)
+        p[:, :d] = xc[ia[s:e]]
+        p[:, :d].mul_(xc[ib[s:e]])
         w = dp
         while w > 1:
             h = w // 2
@@ -340,8 +385,8 @@ class _Block:
     lab: torch.Tensor  # [B] label codes
     err: torch.Tensor  # [B] float64, E_i
     r: torch.Tensor  # [B] R_i
-    topv: torch.Tensor | None  # [B, k] screening values, descending
-    topi: torch.Tensor | None  # [B, k] sorted positions
+    topv: torch.Tensor  # [B, k] screening values, descending
+    topi: torch.Tensor  # [B, k] sorted positions
     all_in_list: bool  # k == N - 1: the lists hold every other item
 
 
@@ -488,13 +533,12 @@ def _ap_from_terms(terms: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 def _map_block(prep: _Prep, blk: _Block) -> torch.Tensor:
     """AP@R_i for the block's rows (0 where R_i = 0), float64 [B]."""
-    sd, dev, B = prep.sdtype, prep.device, blk.B
+    dev, B = prep.device, blk.B
     valid = blk.r >= 1
     out = torch.zeros(B, dtype=torch.float64, device=dev)
     if not bool(valid.any()):
         return out
     topv, topi = blk.topv, blk.topi
-    k = topv.shape[1]
     tv = topv.to(torch.float64)
     # Clusters: consecutive list entries closer than 2E (so their true order is unknown).
     # Across a gap > 2E the true order is certain (s_a >= A_a - E > A_b + E >= s_b).
@@ -558,6 +602,67 @@ def _map_fallback(prep: _Prep, blk: _Block, fb: torch.Tensor, v_r: torch.Tensor)
 
 
 # --------------------------------------------------------------------------------------------
+# small inputs: the authors' own computation, numpy float64 X·Xᵀ, no torch
+
+SMALL_N = 2048  # below this (and on CPU, block_size unset) the full float64 matrix is used
+
+
+def _is_small(feats, device, block_size) -> bool:
+    if block_size is not None or device not in (None, "cpu"):
+        return False
+    if type(feats).__module__.split(".")[0] == "torch":
+        return False
+    return np.ndim(feats) == 2 and np.shape(feats)[0] <= SMALL_N
+
+
+def _small_metrics(feats, labels, ks, want_recall: bool, want_map: bool):
+    """Recall@K (SPEC §8.1) and MAP@R (§8.3) from the full N×N float64 similarity matrix.
+
+    This is literally the authors' ``RetMetric``: X as float64, Sim = X·Xᵀ by numpy.
+    """
+    X = np.asarray(feats)
+    if X.dtype == object or X.ndim != 2:
+        raise TypeError("feats must be a numeric [N, D] array")
+    X = X.astype(np.float64)
+    if not np.isfinite(X).all():
+        raise ValueError("feats contain NaN or infinite values")
+    y = np.asarray(labels)
+    if y.shape != (X.shape[0],):
+        raise ValueError(f"labels must have shape ({X.shape[0]},), got {y.shape}")
+    uniq, codes, counts = np.unique(y, return_inverse=True, return_counts=True)
+    if want_recall and (counts < 2).any():
+        lone = int(np.flatnonzero(counts < 2)[0])
+        row = int(np.flatnonzero(codes == lone)[0])
+        raise ValueError(
+            f"label {uniq[lone].item()!r} has only one item (row {row}); the authors' Recall@K is undefined "
+            "for it (their script raises IndexError)"
+        )
+    if want_map and not (counts >= 2).any():
+        raise ValueError("MAP@R needs at least one label with two or more items")
+    S = X @ X.T
+    same = codes[:, None] == codes[None, :]
+    recall = None
+    if want_recall:
+        P = np.where(same, S, -np.inf)
+        t = -np.sort(-P, axis=1)[:, 1]  # second-largest same-label value (query included)
+        n = ((S > t[:, None]) & ~same).sum(axis=1)
+        recall = {k: float((n < k).mean()) for k in ks}
+    mapr = None
+    if want_map:
+        r = counts[codes] - 1
+        aps = []
+        for i in np.flatnonzero(r >= 1):
+            row = S[i].copy()
+            row[i] = -np.inf  # the query is not in its own ranking
+            order = np.argsort(-row, kind="stable")[: r[i]]  # ties: lower index first
+            rel = (codes[order] == codes[i]).astype(np.float64)
+            prec = np.cumsum(rel) / np.arange(1, r[i] + 1)
+            aps.append(math.fsum(prec * rel) / r[i])
+        mapr = math.fsum(aps) / len(aps)
+    return recall, mapr
+
+
+# --------------------------------------------------------------------------------------------
 # public API
 
 
@@ -580,6 +685,8 @@ def recall_at_k(feats, labels, ks=DEFAULT_KS, *, device=None, block_size=None) -
     Raises ValueError (naming the label) if some label has a single item.
     """
     ks = _check_ks(ks)
+    if _is_small(feats, device, block_size):
+        return _small_metrics(feats, labels, ks, True, False)[0]
     prep = _prepare(feats, labels, device, need_all_pairs=True)
     recall, _ = _run(prep, ks, False, block_size)
     return recall
@@ -593,6 +700,8 @@ def map_at_r(feats, labels, *, device=None, block_size=None) -> float:
     pytorch-metric-learning's ``mean_average_precision_at_r`` with query = reference).
     Raises ValueError if no label has two or more items.
     """
+    if _is_small(feats, device, block_size):
+        return _small_metrics(feats, labels, (), False, True)[1]
     prep = _prepare(feats, labels, device, need_all_pairs=False)
     _, mapr = _run(prep, None, True, block_size)
     return mapr
@@ -605,8 +714,11 @@ def retrieval_metrics(feats, labels, ks=DEFAULT_KS, *, device=None, block_size=N
     the order of ``ks``. Same inputs and errors as :func:`recall_at_k`.
     """
     ks = _check_ks(ks)
-    prep = _prepare(feats, labels, device, need_all_pairs=True)
-    recall, mapr = _run(prep, ks, True, block_size)
+    if _is_small(feats, device, block_size):
+        recall, mapr = _small_metrics(feats, labels, ks, True, True)
+    else:
+        prep = _prepare(feats, labels, device, need_all_pairs=True)
+        recall, mapr = _run(prep, ks, True, block_size)
     out = {f"recall@{k}": v for k, v in recall.items()}
     out["map@r"] = mapr
     return out

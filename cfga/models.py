@@ -48,52 +48,6 @@ def verify_hub_hash(path: str | os.PathLike) -> str | None:
     return digest
 
 
-def _load_state(path: Path, allow_pickle: bool = False) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint file not found; check the models: entry") from None
-    except Exception as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise CheckpointError(
-                f"{path}: the file needs full unpickling, which can run arbitrary code; it was "
-                "refused (torch.load weights_only=True). Re-save it as a plain state dict, or, if "
-                "you trust its origin, set `allow_pickle: true` on that model in the config."
-            ) from None
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({err}); re-download it") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(
-            f"{path}: expected a torchvision state dict (name → tensor); got {type(obj).__name__}"
-        )
-    return obj
-
-
-def _check_trunk(path: Path, net: nn.Module, state: dict) -> dict:
-    expected = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    trunk = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing = sorted(set(expected) - set(trunk))
-    unexpected = sorted(set(trunk) - set(expected))
-    if missing or unexpected:
-        def show(keys):
-            return ", ".join(keys[:6]) + (f" … (+{len(keys) - 6})" if len(keys) > 6 else "")
-        raise CheckpointError(
-            f"{path}: does not fit the architecture (assumed format: torchvision state dict). "
-            f"missing keys: [{show(missing)}]; unexpected keys: [{show(unexpected)}]. "
-            "Check `arch:` of this model in the config."
-        )
-    for k, v in expected.items():
-        if tuple(trunk[k].shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"{path}: tensor {k} has shape {tuple(trunk[k].shape)}, the architecture needs "
-                f"{tuple(v.shape)}. Check `arch:` of this model in the config."
-            )
-        if trunk[k].is_floating_point() and not torch.isfinite(trunk[k]).all():
-            raise CheckpointError(f"{path}: tensor {k} holds NaN or Inf values; the checkpoint is broken")
-    return trunk
-
-
 def load_model(
     arch: str,
     protocol: str,
@@ -101,13 +55,18 @@ def load_model(
     *,
     device: str | torch.device = "auto",
     allow_pickle: bool = False,
+    format: str | None = None,
 ) -> nn.Module:
     """Build ``arch`` (resnet50/101/152), load ``checkpoint_path`` for ``protocol``, eval mode.
 
-    The returned module is a plain torchvision ResNet; ``model.cfga_meta`` records the arch,
-    protocol, checkpoint path and sha256.
+    ``format`` is the checkpoint layout (``torchvision``, ``ms``, ``proxy_anchor``, ``dgpcrl``;
+    SPEC §1.2), detected from the keys when None. The ms and proxy_anchor protocols read the
+    embedding head their format carries (as ``model.fc``). The returned module is a plain
+    torchvision ResNet; ``model.cfga_meta`` records arch, protocol, format, path and sha256.
     """
+    from .checkpoints import load_checkpoint
     from .extract import resolve_device
+    from .protocols import HEADED
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
@@ -123,12 +82,14 @@ def load_model(
     m = _HUB_NAME.match(path.name)
     if m and m["stem"].startswith("resnet") and m["stem"] != arch:
         raise CheckpointError(f"{path}: file name says {m['stem']} but the config says arch: {arch}")
-    digest = verify_hub_hash(path) or sha256_file(path)
+    verify_hub_hash(path)
 
-    net = ARCHS[arch](weights=None)
-    trunk = _check_trunk(path, net, _load_state(path, allow_pickle))
-    net.load_state_dict({**net.state_dict(), **trunk})
-    net.eval()
+    net, meta = load_checkpoint(path, arch, format, allow_pickle=allow_pickle)
+    if protocol in HEADED and meta["format"] != protocol:
+        raise CheckpointError(
+            f"{path}: protocol {protocol} evaluates the embedding head of a {protocol}-format checkpoint, "
+            f"but this file is format {meta['format']}. Check `protocol:` / `format:` of this model."
+        )
     net.to(resolve_device(device))
-    net.cfga_meta = {"arch": arch, "protocol": protocol, "checkpoint": str(path), "checkpoint_sha256": digest}
+    net.cfga_meta = {**meta, "protocol": protocol, "checkpoint_sha256": meta["sha256"]}
     return net

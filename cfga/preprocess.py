@@ -5,6 +5,7 @@ All resizing is PIL's antialiased BILINEAR on the PIL image, rounding is Python'
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -80,12 +81,31 @@ def image_name(image: ImageLike) -> str:
     return str(image) if not isinstance(image, Image.Image) else "<PIL image>"
 
 
+@contextlib.contextmanager
+def _decode_guard():
+    """PIL settings for reading one file: cfga's pixel limit, with the bomb *warning* an error too.
+
+    Every other warning PIL emits while it still decodes the image (palette transparency in bytes,
+    odd EXIF, ...) is shown but never escalated by a strict caller filter (``-W error``): SPEC §2's
+    ``convert('RGB')`` accepts those images, so they must not become ImageErrors.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
 def _open(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found; re-run the dataset ingestion rule") from None
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{path}: {err}; the file is too large to be a dataset image") from None
     except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
         raise ImageError(
@@ -100,26 +120,20 @@ def load_rgb(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     path = Path(image)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    with _decode_guard():
+        img = _open(path)
         try:
-            img = _open(path)
-            try:
-                img.load()
-                rgb = img.convert("RGB")
-            except Image.DecompressionBombWarning as err:
-                raise ImageError(f"{path}: {err}; the file is too large to be a dataset image") from None
-            except Exception as err:
-                raise ImageError(
-                    f"{path}: image data is truncated or corrupt ({type(err).__name__}: {err}); "
-                    "re-download or re-extract the dataset archive"
-                ) from None
-            finally:
-                img.close()
+            img.load()
+            rgb = img.convert("RGB")
+        except Image.DecompressionBombWarning as err:
+            raise ImageError(f"{path}: {err}; the file is too large to be a dataset image") from None
+        except Exception as err:
+            raise ImageError(
+                f"{path}: image data is truncated or corrupt ({type(err).__name__}: {err}); "
+                "re-download or re-extract the dataset archive"
+            ) from None
         finally:
-            Image.MAX_IMAGE_PIXELS = old
+            img.close()
     return rgb
 
 
@@ -128,7 +142,8 @@ def peek_size(image: ImageLike) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.height, image.width
     path = Path(image)
-    img = _open(path)
+    with _decode_guard():  # same pixel limit as load_rgb, so both accept/refuse the same files
+        img = _open(path)
     try:
         return img.height, img.width
     finally:

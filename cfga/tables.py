@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from .features import FEATURES, RECALL_KS, TABLE5_COLUMNS
+from .features import CFGA_FEATURES, FEATURES, RECALL_KS, TABLE5_COLUMNS
 
 METRIC_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("map@r",)
 
@@ -54,45 +55,115 @@ def _row_kind(dataset_cfg: Mapping) -> str:
     return "synthetic" if "synthetic" in dataset_cfg else "real"
 
 
-def table5(
+@dataclass(frozen=True)
+class TableSpec:
+    """A paper table: its columns (feature names; "embedding" means the row's own embedding,
+    which is SCDA for the ImageNet "Pre-trained" row) and the protocols whose models it lists."""
+
+    name: str
+    title: str
+    columns: tuple[str, ...]
+    protocols: tuple[str, ...]
+
+
+TABLES: dict[str, TableSpec] = {
+    "table5": TableSpec("table5", "Table 5", TABLE5_COLUMNS, ("scda",)),
+    "table3": TableSpec("table3", "Table 3", ("embedding", "cfga_plus", *CFGA_FEATURES),
+                        ("scda", "ms", "proxy_anchor", "dgpcrl")),
+    "table6": TableSpec("table6", "Table 6", ("embedding", "scda", "scda_original", "cfga_plus"), ("ms", "dgpcrl")),
+}
+
+# Row families of Tables 3 and 6, in the paper's row order, with the published file's model key.
+FAMILIES: dict[str, str] = {
+    "resnet50_imagenet": "Pre-trained",
+    "msloss": "MS loss",
+    "proxy_anchor": "Proxy Anchor",
+    "dgpcrl": "DGPCRL",
+    "cosface": "CosFace",
+    "arcface": "ArcFace",
+}
+_LOSS_FAMILY = {"ms": "msloss", "proxy_anchor": "proxy_anchor", "cosface": "cosface", "arcface": "arcface"}
+
+
+def model_family(mcfg: Mapping) -> str:
+    """Which paper row kind a model is: explicit ``family:``, its training loss, or its protocol."""
+    if "family" in mcfg:
+        return mcfg["family"]
+    if mcfg["protocol"] == "scda":
+        return "resnet50_imagenet"
+    if "train" in mcfg:
+        return _LOSS_FAMILY[mcfg["train"]["loss"]]
+    return {"proxy_anchor": "proxy_anchor", "dgpcrl": "dgpcrl"}.get(mcfg["protocol"], "msloss")
+
+
+def _feature_for(column: str, protocol: str) -> str:
+    return "scda" if column == "embedding" and protocol == "scda" else column
+
+
+def paper_table(
+    spec: TableSpec | str,
     cells: Sequence[Mapping],
     datasets: Mapping[str, Mapping],
     models: Mapping[str, Mapping],
     published: Mapping[tuple[str, str, str, str], float],
-    columns: Sequence[str] = TABLE5_COLUMNS,
-    table: str = "table5",
 ) -> tuple[list[str], list[list[str]], str]:
-    """→ (csv header, csv rows, markdown text) of the paper-layout table."""
+    """→ (csv header, csv rows, markdown text) of one paper-layout table (R@1 in %)."""
+    spec = TABLES[spec] if isinstance(spec, str) else spec
     by_key = {(c["dataset"], c["model"], c["feature"]): c for c in cells}
-    header = ["dataset", "model", "data", "paper_dataset", "paper_model"]
-    for f in columns:
-        header += [FEATURES[f].column, f"{FEATURES[f].column} (paper)"]
-    rows = []
+    cols = [FEATURES[f].column for f in spec.columns]
+    header = ["dataset", "model", "row", "data", "paper_dataset", "paper_model", "embedding_dim"]
+    for col in cols:
+        header += [col, f"{col} (paper)"]
     md = [
-        "| Dataset | Model | Data | " + " | ".join(FEATURES[f].column for f in columns) + " |",
-        "|---|---|---|" + "---|" * len(columns),
-        "| | | dim | " + " | ".join(str(FEATURES[f].dim) for f in columns) + " |",
+        "| Dataset | Model | Row | Data | " + " | ".join(cols) + " |",
+        "|---|---|---|---|" + "---|" * len(cols),
     ]
-    for d, dcfg in datasets.items():
-        for m, mcfg in models.items():
-            if not any((d, m, f) in by_key for f in columns):
-                continue
-            kind = _row_kind(dcfg)
-            pd_, pm = (dcfg.get("paper"), mcfg.get("paper")) if kind == "real" else (None, None)
-            row = [d, m, kind, pd_ or "", pm or ""]
-            md_cells = []
-            for f in columns:
-                c = by_key.get((d, m, f))
-                ours = pct(c["recall@1"]) if c else ""
-                paper = published.get((table, pd_, pm, f)) if pd_ and pm else None
-                row += [ours, "" if paper is None else f"{paper:.1f}"]
-                md_cells.append(ours + (f" ({paper:.1f})" if paper is not None else ""))
-            label = "synthetic (not comparable to the paper)" if kind == "synthetic" else (
-                f"paper row {pd_}/{pm}" if pd_ and pm else "real (no paper row)")
-            rows.append(row)
-            md.append(f"| {d} | {m} | {label} | " + " | ".join(md_cells) + " |")
-    note = (
-        "\nRecall@1 in %. In parentheses: the published value (paper, "
-        f"{table.replace('table', 'Table ')}), shown only for rows whose dataset and model are the paper's.\n"
-    )
-    return header, rows, "\n".join(md) + "\n" + note
+    order = list(FAMILIES)
+    entries = [(d, m) for d in datasets for m in sorted(models, key=lambda m: order.index(model_family(models[m])))]
+    rows = []
+    for d, m in entries:
+        dcfg, mcfg = datasets[d], models[m]
+        proto = mcfg["protocol"]
+        if proto not in spec.protocols:
+            continue
+        feats = [_feature_for(c, proto) for c in spec.columns]
+        if not any((d, m, f) in by_key for f in feats):
+            continue
+        kind = _row_kind(dcfg)
+        pd_, pm = (dcfg.get("paper"), mcfg.get("paper")) if kind == "real" else (None, None)
+        emb = by_key.get((d, m, feats[0]))
+        family = FAMILIES[model_family(mcfg)]
+        row = [d, m, family, kind, pd_ or "", pm or "", str(emb["dim"]) if emb else ""]
+        md_cells = []
+        for f in feats:
+            c = by_key.get((d, m, f))
+            ours = pct(c["recall@1"]) if c else ""
+            paper = published.get((spec.name, pd_, pm, f)) if pd_ and pm else None
+            row += [ours, "" if paper is None else f"{paper:.1f}"]
+            md_cells.append(ours + (f" ({paper:.1f})" if paper is not None else ""))
+        label = "synthetic (not comparable to the paper)" if kind == "synthetic" else (
+            f"paper row {pd_}/{pm}" if pd_ and pm else "real (no paper row)")
+        if spec.columns[0] == "embedding" and emb:
+            md_cells[0] += f" [{emb['dim']}-d]"
+        rows.append(row)
+        md.append(f"| {d} | {m} | {family} | {label} | " + " | ".join(md_cells) + " |")
+    dims = ", ".join(f"{FEATURES[f].column} {FEATURES[f].dim}" for f in spec.columns if f != "embedding")
+    note = [
+        "",
+        f"Recall@1 in %. In parentheses: the published value ({spec.title}), shown only for rows whose "
+        "dataset and model are the paper's. Dimensions: " + dims + ("; embedding dimension in brackets"
+                                                                    if "embedding" in spec.columns else "") + ".",
+    ]
+    if spec.name in ("table3", "table6"):
+        present = {FAMILIES[model_family(models[m])] for _, m, *_ in rows}
+        missing = [FAMILIES[f] for f in FAMILIES if FAMILIES[f] not in present and
+                   (spec.name == "table3" or f not in ("resnet50_imagenet", "proxy_anchor"))]
+        if missing:
+            note.append(f"No model of this run fills: {', '.join(missing)}"
+                        + (" (DGPCRL is a loader-only row: give the authors' checkpoint)." if "DGPCRL" in missing else "."))
+    return header, rows, "\n".join(md) + "\n" + "\n".join(note) + "\n"
+
+
+def table5(cells, datasets, models, published):
+    """Table 5: ImageNet backbones (``scda`` protocol)."""
+    return paper_table("table5", cells, datasets, models, published)

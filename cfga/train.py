@@ -139,7 +139,7 @@ def train_dml(
     loss: str,
     settings: TrainSettings,
     *,
-    device: str | torch.device,
+    device: str | torch.device = "auto",
     progress: bool = False,
 ) -> tuple[nn.Module, list[dict]]:
     """Fine-tune ``arch`` from ``backbone_state`` with DML ``loss`` → (net in eval mode, history).
@@ -158,7 +158,9 @@ def train_dml(
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    device = torch.device(device)
+    from .extract import resolve_device
+
+    device = resolve_device(device)
     classes = sorted(set(int(x) for x in labels))
     if len(classes) < 2:
         raise ValueError("DML training needs at least two classes")
@@ -234,7 +236,7 @@ def train_dml(
             scaler.scale(value).backward()
             scaler.step(opt)
             scaler.update()
-            losses.append(float(value))
+            losses.append(float(value.detach()))
             steps += 1
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
         history.append(rec)

@@ -47,10 +47,12 @@ def metric_targets():
     ]
 
 
+TABLE_NAMES = ("table3", "table5", "table6")
+
+
 def all_targets():
     return [
-        "results/tables/table5.csv",
-        "results/tables/table5.md",
+        *[f"results/tables/{t}.{ext}" for t in TABLE_NAMES for ext in ("csv", "md")],
         "results/tables/all_metrics.csv",
         *[f"results/plots/recall_at_k_{d}.png" for d in DATASETS],
     ]
@@ -73,9 +75,49 @@ def ingest_inputs(wildcards):
     return {"images_archive": cfg["images_archive"], "annotations": cfg["annotations"]}
 
 
-def checkpoint_for(wildcards):
-    """Weights file of a model on a dataset: the config's file, or the pretraining output."""
-    cfg = MODELS[wildcards.model]
+# Protocol a DML loss is evaluated with (the head it trains is the head that protocol reads).
+LOSS_PROTOCOL = {"ms": "ms", "cosface": "ms", "arcface": "ms", "proxy_anchor": "proxy_anchor"}
+
+
+def _check_models():
+    for name, cfg in MODELS.items():
+        model_datasets(name)
+        train = cfg.get("train")
+        if train is None:
+            continue
+        src = train["from"]
+        if src not in MODELS:
+            raise WorkflowError(f"config: models.{name}.train.from names unknown model {src!r}")
+        if MODELS[src]["arch"] != cfg["arch"]:
+            raise WorkflowError(f"config: models.{name} (arch {cfg['arch']}) trains from {src} (arch {MODELS[src]['arch']})")
+        want = LOSS_PROTOCOL[train["loss"]]
+        if cfg["protocol"] != want:
+            raise WorkflowError(
+                f"config: models.{name}: a {train['loss']} checkpoint is evaluated with protocol {want}, "
+                f"not {cfg['protocol']}"
+            )
+        missing = set(model_datasets(name)) - set(model_datasets(src))
+        if missing:
+            raise WorkflowError(f"config: models.{name} runs on {sorted(missing)}, where its backbone {src} does not")
+
+
+_check_models()
+
+
+def checkpoint_path(dataset, model):
+    """Weights file of a model on a dataset: the config's file, or what the pipeline trains."""
+    cfg = MODELS[model]
     if "pretrain" in cfg:
-        return f"results/checkpoints/{wildcards.dataset}/{wildcards.model}.pth"
+        return f"results/checkpoints/pretrained/{dataset}/{model}.pth"
+    if "train" in cfg:
+        return f"results/checkpoints/trained/{dataset}/{model}.pth"
     return cfg["checkpoint"]
+
+
+def checkpoint_for(wildcards):
+    return checkpoint_path(wildcards.dataset, wildcards.model)
+
+
+def backbone_for(wildcards):
+    """The checkpoint a trained model starts from (its `train.from` model, same dataset)."""
+    return checkpoint_path(wildcards.dataset, MODELS[wildcards.model]["train"]["from"])

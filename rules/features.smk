@@ -12,6 +12,7 @@ rule extract_features:
         arch=lambda wc: MODELS[wc.model]["arch"],
         protocol=lambda wc: MODELS[wc.model]["protocol"],
         allow_pickle=lambda wc: MODELS[wc.model].get("allow_pickle", False),
+        format=lambda wc: MODELS[wc.model].get("format"),
         extraction=config["extraction"],
     log:
         "logs/features/{dataset}/{model}.log",

@@ -1,5 +1,6 @@
-# Offline backbones: a ResNet classifier trained on a dataset's train classes, saved as a
-# torchvision state dict (loaded afterwards exactly like the ImageNet files).
+# Checkpoints the pipeline makes itself. Offline backbones: a ResNet classifier trained on a
+# dataset's train classes, saved as a torchvision state dict (loaded afterwards exactly like the
+# ImageNet files).
 
 
 rule pretrain_backbone:
@@ -7,8 +8,8 @@ rule pretrain_backbone:
         manifest="results/manifests/{dataset}.csv",
         root="results/datasets/{dataset}",
     output:
-        checkpoint="results/checkpoints/{dataset}/{model}.pth",
-        settings="results/checkpoints/{dataset}/{model}.json",
+        checkpoint="results/checkpoints/pretrained/{dataset}/{model}.pth",
+        settings="results/checkpoints/pretrained/{dataset}/{model}.json",
     params:
         arch=lambda wc: MODELS[wc.model]["arch"],
         settings=lambda wc: MODELS[wc.model]["pretrain"],

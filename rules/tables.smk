@@ -6,12 +6,16 @@ rule tables:
         metrics=metric_targets(),
         published=config["tables"]["published"],
     output:
-        table5_csv=report("results/tables/table5.csv", category="Tables", caption="../report/table5.rst"),
-        table5_md=report("results/tables/table5.md", category="Tables", caption="../report/table5.rst"),
+        **{
+            f"{t}_{ext}": report(f"results/tables/{t}.{ext}", category="Tables", caption=f"../report/{t}.rst")
+            for t in TABLE_NAMES
+            for ext in ("csv", "md")
+        },
         long=report("results/tables/all_metrics.csv", category="Tables", caption="../report/all_metrics.rst"),
     params:
         datasets=DATASETS,
         models=MODELS,
+        tables=TABLE_NAMES,
     log:
         "logs/tables/tables.log",
     script:

@@ -376,3 +376,45 @@ def test_default_ks():
     X, y = unit_floats()
     assert list(recall_at_k(X, y)) == list(KS)
     assert math.isfinite(retrieval_metrics(X, y)["map@r"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [1, 5, 16, 100])
+def test_canonical_dot_numpy_equals_torch(dtype, d):
+    # The CPU (numpy) and device (torch) implementations run the same IEEE operation sequence,
+    # so they must agree bit for bit; run the torch one on CPU here.
+    from cfga import metrics as M
+
+    rng = np.random.default_rng(d)
+    x = torch.from_numpy((rng.standard_normal((50, d)) * rng.uniform(0.1, 9, (50, 1))).astype(dtype))
+    ia = torch.from_numpy(rng.integers(0, 50, 300))
+    ib = torch.from_numpy(rng.integers(0, 50, 300))
+    dp = 1 if d <= 1 else 1 << (d - 1).bit_length()
+    a = M._canonical_dot_numpy(x, ia, ib, dp, 7)
+    b = M._canonical_dot_torch(x, ia, ib, dp, 64)
+    assert torch.equal(a, b)
+    ref = (x[ia].double() * x[ib].double()).sum(1)  # any float64 order: within a few ulps
+    assert torch.allclose(a, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_small_path_equals_blockwise_path_and_skips_torch():
+    """N <= SMALL_N on CPU uses numpy's float64 X·Xᵀ (the authors' RetMetric); it must agree with
+    the blockwise path exactly, and must not need torch (one process per table cell)."""
+    import subprocess
+    import sys
+
+    from cfga.metrics import SMALL_N
+
+    rng = np.random.default_rng(5)
+    for X in (rng.integers(0, 2, (300, 12)).astype(np.float32),  # massive ties
+              rng.normal(size=(300, 32)).astype(np.float32)):
+        y = rng.integers(0, 20, 300)
+        assert len(X) <= SMALL_N
+        small = retrieval_metrics(X, y)
+        blockwise = retrieval_metrics(X, y, block_size=64)
+        assert {k: v for k, v in small.items() if k != "map@r"} == {k: v for k, v in blockwise.items() if k != "map@r"}
+        assert small["map@r"] == pytest.approx(blockwise["map@r"], abs=1e-12)
+    code = ("import sys, numpy as np; from cfga.metrics import retrieval_metrics; "
+            "retrieval_metrics(np.eye(4), [0, 0, 1, 1]); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

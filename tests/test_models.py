@@ -50,7 +50,7 @@ def test_imagenet_v2_file_is_refused(tmp_path, state):
 def test_wrong_arch_names_missing_and_unexpected_keys(tmp_path, state):
     p = tmp_path / "mine.pth"
     torch.save(state, p)
-    with pytest.raises(CheckpointError, match=r"mine.pth.*missing keys: \[layer3\.\d+\."):
+    with pytest.raises(CheckpointError, match=r"mine.pth.*assumed format: torchvision.*missing keys \(\d+\): \[layer3\.\d+\."):
         load_model("resnet101", "scda", p, device="cpu")
 
 

@@ -18,7 +18,8 @@ with rule_logging(sm) as log:
     rows = [r for r in read_manifest(sm.input.manifest) if r.split == "test"]
     root = Path(sm.input.root)
     model = load_model(sm.params.arch, sm.params.protocol, sm.input.checkpoint,
-                       device=ex.get("device", "auto"), allow_pickle=sm.params.allow_pickle)
+                       device=ex.get("device", "auto"), allow_pickle=sm.params.allow_pickle,
+                       format=sm.params.format)
     device = str(next(model.parameters()).device)
     log.info("%s / %s: %d test images on %s", sm.wildcards.dataset, sm.wildcards.model, len(rows), device)
     feats = extract_features(model, [root / r.path for r in rows], sm.params.protocol,

@@ -1,0 +1,34 @@
+"""Fine-tune a backbone with a pytorch-metric-learning loss; save it in the authors' format."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
+from _common import rule_logging
+
+import torch
+
+from cfga import io
+from cfga.checkpoints import load_checkpoint
+from cfga.datasets import read_manifest
+from cfga.extract import resolve_device
+from cfga.train import TrainSettings, save_trained, settings_record, train_dml
+
+sm = snakemake  # noqa: F821
+with rule_logging(sm) as log:
+    torch.set_num_threads(sm.threads)
+    cfg = dict(sm.params.train)
+    loss = cfg.pop("loss")
+    cfg.pop("from")
+    settings = TrainSettings(**cfg)
+    rows = [r for r in read_manifest(sm.input.manifest) if r.split == "train"]
+    root = Path(sm.input.root)
+    backbone, meta = load_checkpoint(sm.input.backbone, sm.params.arch)
+    state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    device = resolve_device(sm.params.device)
+    log.info("%s: %s on %d train images of %s (%s)", sm.wildcards.model, loss, len(rows), sm.wildcards.dataset, device)
+    net, history = train_dml(state, sm.params.arch, [root / r.path for r in rows], [r.label for r in rows], loss,
+                             settings, device=device, progress=True)
+    save_trained(sm.output.checkpoint, net.cpu(), loss)
+    io.write_json(sm.output.settings, settings_record(
+        settings, loss=loss, arch=sm.params.arch, n_images=len(rows), n_classes=len({r.label for r in rows}),
+        history=history, backbone=str(sm.input.backbone), backbone_sha256=meta["sha256"]))
