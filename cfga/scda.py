@@ -13,7 +13,9 @@ from scipy import ndimage
 def l2_normalize(v: torch.Tensor) -> torch.Tensor:
     """v / ‖v‖₂ along the last dim; a zero-norm vector stays all zeros (SPEC §4.2)."""
     n = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    return torch.where(n > 0, v / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(v))
+    # `!= 0`, not `> 0`: a NaN norm must propagate (and be caught), never turn into zeros.
+    nz = n != 0
+    return torch.where(nz, v / torch.where(nz, n, torch.ones_like(n)), torch.zeros_like(v))
 
 
 def threshold_mask(F: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ def scda_features(F: torch.Tensor, mask: torch.Tensor, *, float64: bool) -> tupl
     m = mask.to(dtype)
     Fm = F.to(dtype).flatten(1) * m.flatten()
     a = m.sum()
-    avg = Fm.sum(dim=1) / a
+    avg = Fm.sum(dim=1) / a.clamp_min(1)  # empty mask: zeros (then the zero-norm rule), not NaN
     mx = Fm.amax(dim=1)
     scda = l2_normalize(torch.cat([avg, mx]))
     original = torch.cat([l2_normalize(avg), l2_normalize(mx)])
