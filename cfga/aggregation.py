@@ -9,13 +9,14 @@ import torch
 from .scda import l2_normalize
 
 
-def kernel_response(G: torch.Tensor) -> torch.Tensor:
+def kernel_response(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """Per-kernel response r of gradients G [B, C_out, C_in, k, k] → [B, C_out, C_in].
 
     1×1: |g|. k×k: max g + max(−g) + unbiased std over the k² taps (no abs; SPEC §5.1, S8).
+    ``inplace`` lets the 1×1 case overwrite G (the extraction's gradients are scratch).
     """
     if G.shape[-1] == 1 and G.shape[-2] == 1:
-        return G[..., 0, 0].abs()
+        return G[..., 0, 0].abs_() if inplace else G[..., 0, 0].abs()
     taps = G.flatten(-2)
     n = taps.shape[-1]
     mx, mn = taps.amax(dim=-1), taps.amin(dim=-1)
@@ -27,19 +28,27 @@ def kernel_response(G: torch.Tensor) -> torch.Tensor:
     return (mx + mn.neg()).add_(std)  # max g + max(−g) + std, in that order; max(−g) == −min g
 
 
-def aggregate_response(r: torch.Tensor) -> torch.Tensor:
+def aggregate_response(r: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """Selected mean over output channels: r [B, C_out, C_in] → v [B, C_in] (SPEC §5.2).
 
     keep = r > mean over C_out (column) AND r > mean over C_in (row), both strict; v averages
-    r·keep over C_out, unselected cells counting as zeros.
+    r·keep over C_out, unselected cells counting as zeros. ``inplace`` overwrites r.
     """
     colmean = r.mean(dim=1, keepdim=True)
     rowmean = r.mean(dim=2, keepdim=True)
-    # r > max(col, row)  ⟺  r > col AND r > row: one comparison pass instead of three.
-    keep = r > torch.maximum(colmean, rowmean)
-    return (r * keep).mean(dim=1)  # a product, so a NaN gradient propagates instead of vanishing
+    sel = r if inplace else r.clone()
+    # Zero what fails either strict test; zeros then fail the row test again (r ≥ 0), so the
+    # order is harmless. `<=` is False for NaN: a NaN gradient propagates instead of vanishing.
+    sel.masked_fill_(sel <= colmean, 0.0)
+    sel.masked_fill_(sel <= rowmean, 0.0)
+    return sel.mean(dim=1)
 
 
-def grad_to_vector(G: torch.Tensor) -> torch.Tensor:
-    """Full CFGA transform: G [B, C_out, C_in, k, k] → unit vectors [B, C_in] (zeros if v = 0)."""
-    return l2_normalize(aggregate_response(kernel_response(G)))
+def grad_to_vector(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """Full CFGA transform: G [B, C_out, C_in, k, k] → unit vectors [B, C_in] (zeros if v = 0).
+
+    ``inplace`` allows overwriting G (saves a pass over a 4–19 MB tensor per image).
+    """
+    r = kernel_response(G, inplace=inplace)
+    owned = inplace or r.data_ptr() != G.data_ptr()
+    return l2_normalize(aggregate_response(r, inplace=owned))

@@ -18,6 +18,7 @@ import torch.nn.functional as Fn
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._malloc import keep_freed_memory
 from .aggregation import grad_to_vector
 from .features import CFGA_LAYERS, cfga_name, feature_dim
 from .gradients import Layer4Tail, cfga_scalar, trunk_to_layer4_0
@@ -111,7 +112,7 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[
             out["embedding"] = head_embedding(net, Fd, protocol.embedding)
     for i, G in tail.weight_grads(L):
         b, c = CFGA_LAYERS[i]
-        out[cfga_name(b, c)] = grad_to_vector(G)
+        out[cfga_name(b, c)] = grad_to_vector(G, inplace=True)
         del G
     out["cfga_plus"] = torch.cat([out[cfga_name(1, 2)], out[cfga_name(2, 2)]], dim=1)
     return {k: out[k] for k in protocol.features}
@@ -176,7 +177,9 @@ def extract_features(
         raise ValueError(f"protocol {proto.name} needs the 512-d embedding head as model.fc (load the "
                          "checkpoint with cfga.load_model)")
     if batch_size is None:
-        batch_size = 32 if device.type == "cuda" else 8
+        batch_size = 32 if device.type == "cuda" else 4
+    if device.type == "cpu":
+        keep_freed_memory()
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 

@@ -23,6 +23,9 @@ TINY = {
     "models": {
         "tiny_r50": {"arch": "resnet50", "protocol": "scda",
                      "pretrain": {"epochs": 1, "image_size": 48, "batch_size": 8, "seed": 0}},
+        # a DML model trained by the pipeline (authors' ms format), on one dataset only
+        "tiny_ms": {"arch": "resnet50", "protocol": "ms", "datasets": ["tiny_cub"],
+                    "train": {"loss": "ms", "from": "tiny_r50", "epochs": 1, "image_size": 48, "batch_size": 8}},
     },
     "extraction": {"device": "cpu", "batch_size": 4},
     "tables": {"published": str(REPO / "paper" / "published_recall_at_1.csv")},
@@ -75,7 +78,18 @@ def test_all_produces_manifests_features_metrics_tables(run_all):
         table = list(csv.DictReader(fh))
     assert len(table) == 2 and all(r["data"] == "synthetic" and r["CFGA+ (paper)"] == "" for r in table)
     with open(wd / "results/tables/all_metrics.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == 2 * len(features_for("scda"))
+        assert len(list(csv.DictReader(fh))) == 2 * len(features_for("scda")) + len(features_for("ms"))
+    # the trained DML model: authors' ms checkpoint layout, its own rows in Tables 3 and 6, never on Cars
+    import torch
+
+    ck = torch.load(wd / "results/checkpoints/trained/tiny_cub/tiny_ms.pth", weights_only=True)
+    assert set(ck) >= {"model"} and ck["model"]["class_fc.weight"].shape == (512, 2048)
+    settings = json.loads((wd / "results/checkpoints/trained/tiny_cub/tiny_ms.json").read_text())
+    assert settings["loss"] == "ms" and all(np.isfinite(h["loss"]) for h in settings["history"])
+    assert not (wd / "results/features/tiny_cars/tiny_ms.npz").exists()
+    t3 = (wd / "results/tables/table3.md").read_text()
+    assert "| tiny_cub | tiny_ms | MS loss |" in t3 and "| tiny_cub | tiny_r50 | Pre-trained |" in t3
+    assert "| tiny_cub | tiny_ms | MS loss |" in (wd / "results/tables/table6.md").read_text()
     # every rule wrote its log
     assert (wd / "logs/features/tiny_cub/tiny_r50.log").read_text().strip()
 
