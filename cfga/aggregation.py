@@ -49,6 +49,6 @@ def grad_to_vector(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
 
     ``inplace`` allows overwriting G (saves a pass over a 4–19 MB tensor per image).
     """
+    # r is a fresh tensor (or G's own storage when inplace): aggregating in place is safe.
     r = kernel_response(G, inplace=inplace)
-    owned = inplace or r.data_ptr() != G.data_ptr()
-    return l2_normalize(aggregate_response(r, inplace=owned))
+    return l2_normalize(aggregate_response(r, inplace=True))

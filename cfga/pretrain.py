@@ -33,10 +33,27 @@ class PretrainSettings:
     seed: int = 0
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def training_views(images: Sequence, size: int):
+    """→ (decoded images with short side ≈1.15·size, the train-time augmentation to size×size).
+
+    Decoding once keeps the epochs' cost to the network alone.
+    """
+    small = [T.functional.resize(load_rgb(im), int(size * 1.15)) for im in images]
+    aug = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.4, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    return small, aug
 
 
 def train_classifier(
@@ -52,21 +69,11 @@ def train_classifier(
 
     images: paths or PIL images; labels: any ints (remapped to 0..C-1 in sorted order).
     """
-    _seed_everything(settings.seed)
+    seed_everything(settings.seed)
     classes = sorted(set(int(x) for x in labels))
     remap = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([remap[int(x)] for x in labels])
-    s = settings.image_size
-    # Decode once, keep a small copy: the epochs then cost only the network.
-    small = [T.functional.resize(load_rgb(im), int(s * 1.15)) for im in images]
-    aug = T.Compose(
-        [
-            T.RandomResizedCrop(s, scale=(0.4, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    small, aug = training_views(images, settings.image_size)
     net: nn.Module = arch_fn(num_classes=len(classes)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * ((len(small) + settings.batch_size - 1) // settings.batch_size)

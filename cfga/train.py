@@ -34,13 +34,11 @@ Choices (recorded by :func:`settings_record`):
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms as T
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -55,7 +53,7 @@ from .checkpoints import (
     trunk_features,
 )
 from .models import ARCHS
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from .pretrain import seed_everything, training_views
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +80,6 @@ class TrainSettings:
     weight_decay: float = 1e-4
     m_per_class: int = 4
     seed: int = 0
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # MPerClassSampler draws from numpy's global generator
-    torch.manual_seed(seed)  # torchvision's random transforms draw from torch's
 
 
 def build_loss(loss: str, num_classes: int):
@@ -174,7 +166,7 @@ def train_dml(
     use_amp = device.type == "cuda"
 
     trunk, _ = to_torchvision(backbone_state, "torchvision", arch, path="<backbone state>")
-    _seed_everything(settings.seed)
+    seed_everything(settings.seed)
     net = ARCHS[arch](weights=None)
     net.fc = nn.Linear(FEAT_DIM, EMBED_DIM)
     net.load_state_dict({**net.state_dict(), **trunk}, strict=True)
@@ -182,17 +174,7 @@ def train_dml(
     loss_fn, miner = build_loss(loss, len(classes))
     loss_fn.to(device)
 
-    s = settings.image_size
-    # Decode once, keep a small copy: the epochs then cost only the network.
-    small = [T.functional.resize(load_rgb(im), int(s * 1.15)) for im in images]
-    aug = T.Compose(
-        [
-            T.RandomResizedCrop(s, scale=(0.4, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    small, aug = training_views(images, settings.image_size)
     sampler = MPerClassSampler(y.numpy(), settings.m_per_class, batch_size=bs,
                                length_before_new_iter=max(len(y), bs))
 
