@@ -36,6 +36,6 @@ rule ingest_dataset:
     log:
         "logs/ingest/{dataset}.log",
     benchmark:
-        "benchmarks/runs/ingest/{dataset}.tsv"
+        "results/benchmarks/ingest/{dataset}.tsv"
     script:
         "../workflow_scripts/ingest_dataset.py"

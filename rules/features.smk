@@ -17,7 +17,7 @@ rule extract_features:
     log:
         "logs/features/{dataset}/{model}.log",
     benchmark:
-        "benchmarks/runs/features/{dataset}/{model}.tsv"
+        "results/benchmarks/features/{dataset}/{model}.tsv"
     resources:
         gpu=1,
     script:

@@ -17,7 +17,7 @@ rule pretrain_backbone:
     log:
         "logs/pretrain/{dataset}/{model}.log",
     benchmark:
-        "benchmarks/runs/pretrain/{dataset}/{model}.tsv"
+        "results/benchmarks/pretrain/{dataset}/{model}.tsv"
     resources:
         gpu=1,
     script:

@@ -17,7 +17,7 @@ rule train_dml:
     log:
         "logs/train/{dataset}/{model}.log",
     benchmark:
-        "benchmarks/runs/train/{dataset}/{model}.tsv"
+        "results/benchmarks/train/{dataset}/{model}.tsv"
     resources:
         gpu=1,
     script:
