@@ -89,6 +89,8 @@ def model_family(mcfg: Mapping) -> str:
     """Which paper row kind a model is: explicit ``family:``, its training loss, or its protocol."""
     if "family" in mcfg:
         return mcfg["family"]
+    if mcfg.get("paper") in FAMILIES:
+        return mcfg["paper"]
     if mcfg["protocol"] == "scda":
         return "resnet50_imagenet"
     if "train" in mcfg:
