@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 from ._malloc import keep_freed_memory
 from .aggregation import grad_to_vector
+from .checkpoints import HEADS
+from .checkpoints import head_embedding as dml_head
 from .features import CFGA_LAYERS, cfga_name, feature_dim
 from .gradients import Layer4Tail, cfga_scalar, trunk_to_layer4_0
 from .preprocess import ImageLike, cap_700, output_size, peek_size, preprocess
@@ -70,19 +72,9 @@ def image_level_features(F: torch.Tensor, protocol: Protocol) -> tuple[dict[str,
 
 
 def head_embedding(net: nn.Module, F: torch.Tensor, kind: str) -> torch.Tensor:
-    """The DML heads (SPEC §4.4) on maps F [B, C, h, w] → [B, 512], re-normalised as the authors do.
-
-    "gmp": normalize(fc(GMP(F))) (torch eps 1e-12); "gmp_gap": z / sqrt(Σz² + 1e-12), z = fc(GMP + GAP).
-    """
-    gmp = F.amax(dim=(2, 3))
-    if kind == "gmp":
-        e = Fn.normalize(net.fc(gmp), dim=1)
-    elif kind == "gmp_gap":
-        z = net.fc(gmp + F.mean(dim=(2, 3)))
-        e = z / torch.sqrt(torch.sum(z * z, dim=1, keepdim=True) + 1e-12)
-    else:
-        raise ValueError(f"unknown embedding head {kind!r}")
-    return l2_normalize(e)
+    """A DML net's embedding of maps F [B, C, h, w] → [B, 512], normalised again as the authors'
+    numpy does (SPEC §4.4, S15); ``kind`` is a head of ``cfga.checkpoints.HEADS``."""
+    return l2_normalize(dml_head(net.fc, F, kind))
 
 
 def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
@@ -107,7 +99,7 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[
 
     L = cfga_scalar(F, mask_t, coef)
     out = {k: torch.stack(v) for k, v in per_image.items()}
-    if protocol.embedding in ("gmp", "gmp_gap"):
+    if protocol.embedding in HEADS:
         with torch.no_grad():
             out["embedding"] = head_embedding(net, Fd, protocol.embedding)
     for i, G in tail.weight_grads(L):
@@ -173,7 +165,7 @@ def extract_features(
     device = model_device(model)
     if model.training:
         raise ValueError("model must be in eval() mode (BN running statistics; SPEC §3)")
-    if proto.embedding in ("gmp", "gmp_gap") and getattr(model.fc, "out_features", None) != 512:
+    if proto.embedding in HEADS and getattr(model.fc, "out_features", None) != 512:
         raise ValueError(f"protocol {proto.name} needs the 512-d embedding head as model.fc (load the "
                          "checkpoint with cfga.load_model)")
     if batch_size is None:

@@ -77,10 +77,6 @@ def output_size(h: int, w: int, resize: Resize) -> tuple[int, int]:
     return scda_size(h, w, resize.short)
 
 
-def image_name(image: ImageLike) -> str:
-    return str(image) if not isinstance(image, Image.Image) else "<PIL image>"
-
-
 @contextlib.contextmanager
 def _decode_guard():
     """PIL settings for reading one file: cfga's pixel limit, with the bomb *warning* an error too.

@@ -20,7 +20,7 @@ class Protocol:
     resize: Resize
     lcc: bool
     # How the table's "embedding" comes from the layer4 map: None (no embedding feature),
-    # "gmp" = L2(L2(fc(GMP))), "gmp_gap" = L2(fc(GMP+GAP)/sqrt(Σ²+1e-12)), "pooling" = Pooling.
+    # a DML head of cfga.checkpoints.HEADS ("ms", "proxy_anchor"), or "pooling" = Pooling.
     embedding: str | None = None
 
     @property
@@ -30,9 +30,9 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "scda": Protocol("scda", Resize(short=256, upsample=False, crop=None), lcc=True),
-    "ms": Protocol("ms", Resize(short=256, upsample=True, crop=227), lcc=False, embedding="gmp"),
+    "ms": Protocol("ms", Resize(short=256, upsample=True, crop=227), lcc=False, embedding="ms"),
     "proxy_anchor": Protocol("proxy_anchor", Resize(short=256, upsample=True, crop=224), lcc=False,
-                             embedding="gmp_gap"),
+                             embedding="proxy_anchor"),
     "dgpcrl": Protocol("dgpcrl", Resize(short=280, upsample=False, crop=None), lcc=False, embedding="pooling"),
 }
 
