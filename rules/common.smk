@@ -18,6 +18,13 @@ config.setdefault("tables", {}).setdefault("published", "paper/published_recall_
 DATASETS = config["datasets"]
 MODELS = config["models"]
 
+# Extraction shards per dataset: `datasets.<name>.extraction_shards`, else the global
+# `extraction_shards` (default 1: one job per (dataset, model), no shard files). Taken out of the
+# dataset's config, so that sharding never changes the params of synthesis, ingestion or tables.
+SHARDS = {
+    name: cfg.pop("extraction_shards", config.get("extraction_shards", 1)) for name, cfg in DATASETS.items()
+}
+
 
 wildcard_constraints:
     dataset="|".join(map(re.escape, DATASETS)) or "^$",

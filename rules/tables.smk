@@ -1,4 +1,9 @@
 # Aggregated outputs a person looks at: paper-layout tables, the long table, recall@K plots.
+#
+# The tables' layout is cfga/tables.py, the columns of cfga/features.py and the writers of
+# cfga/io.py (params `code`, see code_digest in features.smk), make_tables.py (script mtime),
+# the published values (input) and the datasets' and models' config (params): a change to any of
+# them reruns the tables alone.
 
 
 rule tables:
@@ -16,6 +21,7 @@ rule tables:
         datasets=DATASETS,
         models=MODELS,
         tables=TABLE_NAMES,
+        code=code_digest(("tables.py", "features.py", "io.py")),
     log:
         "logs/tables/tables.log",
     script:
