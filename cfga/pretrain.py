@@ -39,15 +39,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def training_views(images: Sequence, size: int):
+def training_views(images: Sequence, size: int, min_crop_area: float = 0.4):
     """→ (decoded images with short side ≈1.15·size, the train-time augmentation to size×size).
 
-    Decoding once keeps the epochs' cost to the network alone.
+    The crop covers ``min_crop_area``–1 of the image's area. Decoding once keeps the epochs'
+    cost to the network alone.
     """
     small = [T.functional.resize(load_rgb(im), int(size * 1.15)) for im in images]
     aug = T.Compose(
         [
-            T.RandomResizedCrop(size, scale=(0.4, 1.0)),
+            T.RandomResizedCrop(size, scale=(min_crop_area, 1.0)),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

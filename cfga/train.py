@@ -25,6 +25,10 @@ Choices (recorded by :func:`settings_record`):
   ``HEAD_LR_MULT × lr``, the loss's own parameters (proxies / class weights of Proxy Anchor,
   CosFace, ArcFace) at ``LOSS_LR_MULT × lr`` without weight decay (Proxy Anchor's published
   setting is proxies at 100× the backbone lr). Constant lr: the runs are a few epochs long.
+* **Trainable layers:** ``trainable="layer4"`` fine-tunes only ``layer4`` and the head (the
+  layers CFGA reads); ``conv1``–``layer3`` stay as the backbone has them and run without
+  autograd, which makes a step at the evaluation's crop size (224–227 px) affordable on a CPU.
+  The default (``"all"``) trains the whole trunk, as the authors did.
 * **Sampler:** :class:`pytorch_metric_learning.samplers.MPerClassSampler`, m images per class
   per batch (classes with fewer images are drawn with replacement); one epoch = as many
   samples as there are training images, rounded down to whole batches (at least one batch).
@@ -65,13 +69,16 @@ FORMAT_FOR_LOSS = {"ms": "ms", "cosface": "ms", "arcface": "ms", "proxy_anchor":
 HEAD_LR_MULT = 10.0
 LOSS_LR_MULT = 100.0
 FREEZE_BN = True
+TRAINABLE = ("all", "layer4")
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """epochs: passes over the train split; image_size: square training crop in px;
     batch_size: images per step (clamped to m_per_class × classes, a multiple of m_per_class);
-    lr: backbone learning rate (head ×10, loss parameters ×100); m_per_class: sampler's m."""
+    lr: backbone learning rate (head ×10, loss parameters ×100); m_per_class: sampler's m;
+    trainable: "all" or "layer4" (only layer4 + head learn); min_crop_area: smallest area
+    fraction of the random training crop."""
 
     epochs: int = 3
     image_size: int = 128
@@ -80,6 +87,8 @@ class TrainSettings:
     weight_decay: float = 1e-4
     m_per_class: int = 4
     seed: int = 0
+    trainable: str = "all"
+    min_crop_area: float = 0.4
 
 
 def build_loss(loss: str, num_classes: int):
@@ -150,6 +159,8 @@ def train_dml(
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if settings.trainable not in TRAINABLE:
+        raise ValueError(f"trainable {settings.trainable!r}; known: {', '.join(TRAINABLE)}")
     from .extract import resolve_device
 
     device = resolve_device(device)
@@ -174,12 +185,16 @@ def train_dml(
     loss_fn, miner = build_loss(loss, len(classes))
     loss_fn.to(device)
 
-    small, aug = training_views(images, settings.image_size)
+    small, aug = training_views(images, settings.image_size, settings.min_crop_area)
     sampler = MPerClassSampler(y.numpy(), settings.m_per_class, batch_size=bs,
                                length_before_new_iter=max(len(y), bs))
 
     if FREEZE_BN:
         _freeze_bn(net)
+    if settings.trainable == "layer4":
+        for name, p in net.named_parameters():
+            if not name.startswith(("layer4.", "fc.")):
+                p.requires_grad_(False)
     bn_params = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for p in m.parameters()}
     groups = [
@@ -260,7 +275,9 @@ def settings_record(
         "lr_multipliers": {"backbone": 1.0, "embedding_head": HEAD_LR_MULT, "loss_parameters": LOSS_LR_MULT},
         "freeze_bn": FREEZE_BN,
         "sampler": f"MPerClassSampler(m={settings.m_per_class})",
-        "augmentation": f"RandomResizedCrop({settings.image_size}, scale=(0.4, 1.0)) + RandomHorizontalFlip",
+        "augmentation": f"RandomResizedCrop({settings.image_size}, scale=({settings.min_crop_area}, 1.0)) "
+                        "+ RandomHorizontalFlip",
+        "trainable": settings.trainable,
         "n_images": n_images,
         "n_classes": n_classes,
         "backbone": backbone,

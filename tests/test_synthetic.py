@@ -73,6 +73,15 @@ def test_classes_differ_in_details():
     assert len(set(synthetic.cars_class_names(synthetic.class_params(120, seed=3)))) == 120
 
 
+def test_patch_colours_round_robin_so_test_classes_share_train_colours():
+    params = synthetic.class_params(10, seed=1)
+    colours = [p["colour_idx"] for p in params]
+    assert colours == [i % 6 for i in range(10)]
+    # the test half (classes 6–10) differs in colour and uses only colours the train half shows
+    assert len(set(colours[5:])) == 5 and set(colours[5:]) <= set(colours[:5]) | {5}
+    assert len({p["combo"] for p in synthetic.class_params(200, seed=1)[:96]}) == 96
+
+
 def test_cub_archive_structure(cub):
     with tarfile.open(cub["archive"], "r:gz") as tf:
         names = tf.getnames()

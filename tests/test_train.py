@@ -101,6 +101,21 @@ def test_training_is_deterministic_on_cpu(data, backbone):
     assert torch.equal(a.layer1[0].conv1.weight, b.layer1[0].conv1.weight)
 
 
+def test_trainable_layer4_leaves_the_lower_trunk_as_the_backbone_has_it(data, backbone):
+    images, labels = data
+    s = TrainSettings(epochs=1, image_size=48, batch_size=16, m_per_class=4, seed=1, trainable="layer4",
+                      min_crop_area=0.6)
+    net, _ = train_dml(backbone, "resnet50", images, labels, "ms", s, device="cpu")
+    state = net.state_dict()
+    lower = [k for k in backbone if not k.startswith(("layer4.", "fc."))]
+    assert lower and all(torch.equal(state[k], backbone[k]) for k in lower)
+    assert not torch.equal(state["layer4.0.conv1.weight"], backbone["layer4.0.conv1.weight"])
+    rec = settings_record(s, loss="ms", arch="resnet50", n_classes=4)
+    assert rec["trainable"] == "layer4" and "scale=(0.6, 1.0)" in rec["augmentation"]
+    with pytest.raises(ValueError, match="trainable 'layer3'"):
+        train_dml(backbone, "resnet50", images, labels, "ms", TrainSettings(trainable="layer3"), device="cpu")
+
+
 def test_batch_size_is_clamped_to_the_sampler():
     assert effective_batch_size(TrainSettings(batch_size=32, m_per_class=4), 8) == 32
     assert effective_batch_size(TrainSettings(batch_size=32, m_per_class=4), 4) == 16
