@@ -10,14 +10,27 @@ input of ``layer4.1`` and on what follows it, so here:
    batch's summed scalar yields each image's own dY);
 4. the weight gradient of image n is ``dY_n ⊗ X_n``: ``dY_n [C_out, hw] @ X_nᵀ [hw, C_in]`` for
    1×1 convs and ``dY_n @ unfold(X_n)ᵀ`` for the 3×3 conv — it never mixes images.
+
+Extraction does not keep whole gradients: ``kernel_responses`` turns each image's gradient into its
+per-kernel response r (SPEC §5.1) slab by slab while the slab is still in cache, and feeds the
+3×3 statistics from tap-centred inputs (below), so no [B, C_out, C_in, k, k] tensor exists.
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 import torch.nn.functional as Fn
 from torch import nn
 
+from .aggregation import aggregate_response
 from .features import CFGA_LAYERS
+from .scda import l2_normalize
+
+# Output channels per slab of a k×k gradient: 256 × 9 × 512 floats = 4.7 MB stays in the CPU's
+# cache between the matmul that writes it and the three reductions that read it (measured best
+# of 64–512 on a 2-core EPYC: 512 spills, smaller slabs pay per-call overhead).
+KXK_SLAB = 256
 
 
 def cfga_convs(net: nn.Module) -> list[nn.Conv2d]:
@@ -45,9 +58,79 @@ def per_sample_weight_grad(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -
     return G.transpose(2, 3).unflatten(3, (kh, kw))  # a [B, C_out, C_in, kh, kw] view
 
 
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+
+
+def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iterator[torch.Tensor]:
+    """Per-kernel response r (SPEC §5.1) of each image's weight gradient of ``conv``, one image at
+    a time: X [B, C_in, h, w], dY [B, C_out, h', w'] → B tensors [C_out, C_in] (fresh, float32).
+
+    Equals ``cfga.aggregation.kernel_response(per_sample_weight_grad(X, dY, conv))[n]`` up to
+    float rounding (1×1: bit-identical), without materialising the gradient:
+
+    * 1×1: r = |dY_n @ X_nᵀ|.
+    * k×k: r = range + unbiased std over the k² taps. Both are shift-invariant per kernel, so they
+      are taken over the *centred* gradient g_t − mean_t g, which is linear in X: it is
+      ``dY_n @ (cols_t − mean_t cols)ᵀ`` with unfolded input columns cols. One matmul per slab of
+      output channels yields it, and the std is a plain sum of squares (no second centring pass).
+      Centring the inputs first is also the more accurate order: X ≥ 0 (a ReLU output), so the
+      raw taps share a large common part that the reference's G − mean cancels in float32.
+      A constant kernel (range exactly 0) gets std exactly 0, as torch.std gives.
+    """
+    if conv.groups != 1:
+        raise ValueError("grouped convolutions are not supported")
+    B, C_out = dY.shape[:2]
+    C_in = X.shape[1]
+    dYf = dY.reshape(B, C_out, -1)
+    if _is_pointwise(conv):
+        Xf = X.reshape(B, C_in, -1)
+        for n in range(B):
+            yield torch.mm(dYf[n], Xf[n].T).abs_()
+        return
+    kh, kw = conv.kernel_size
+    k2 = kh * kw
+    cols = Fn.unfold(X, (kh, kw), dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    cols = cols.view(B, C_in, k2, -1)
+    cols = cols - cols.mean(dim=2, keepdim=True)
+    # Tap-major rows [B, k²·C_in, hw]: each slab is then [slab, k², C_in] and the tap reductions
+    # run vectorised across input channels.
+    cols = cols.transpose(1, 2).reshape(B, k2 * C_in, -1)
+    for n in range(B):
+        r = torch.empty(C_out, C_in, dtype=dY.dtype, device=dY.device)
+        colsT = cols[n].T
+        for o in range(0, C_out, KXK_SLAB):
+            Gc = torch.mm(dYf[n, o : o + KXK_SLAB], colsT).view(-1, k2, C_in)
+            rng = Gc.amax(dim=1).sub_(Gc.amin(dim=1))  # max g + max(−g)
+            std = Gc.square_().sum(dim=1).div_(k2 - 1).sqrt_()
+            std.mul_(rng.sign())  # rng ≥ 0: ×1, or ×0 for a constant kernel; NaN stays in rng
+            torch.add(rng, std, out=r[o : o + KXK_SLAB])
+        yield r
+
+
+def cfga_vectors(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The CFGA vectors of ``conv`` for a batch (SPEC §5): X, dY as in ``kernel_responses`` →
+    unit vectors [B, C_in] (zeros where v = 0). Each row depends on its own image only."""
+    v = torch.stack([aggregate_response(r) for r in kernel_responses(X, dY, conv)])
+    return l2_normalize(v)
+
+
+def stem_max_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``pool(x)``, bit for bit, but through the CPU's channels-last max-pool kernel.
+
+    A max is exact in any order, so the layout cannot change a single bit (NaN and −0.0
+    included), while torch's NCHW max-pool kernel on CPU (it always computes argmax indices, one
+    window at a time) costs ~4× the channels-last one plus the two layout copies: ~9 ms of a
+    ~250 ms single-thread ResNet-50 forward at 256×341. Other devices and modules: ``pool(x)``.
+    """
+    if x.device.type != "cpu" or x.dim() != 4 or type(pool) is not nn.MaxPool2d:
+        return pool(x)
+    return pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 def trunk_to_layer4_0(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Forward of a torchvision ResNet up to the output of ``layer4.0``: [B, 3, H, W] → [B, C, h, w]."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    x = stem_max_pool(net.maxpool, net.relu(net.bn1(net.conv1(x))))
     x = net.layer3(net.layer2(net.layer1(x)))
     return net.layer4[0](x)
 
@@ -72,7 +155,8 @@ class Layer4Tail:
 
         tail = Layer4Tail(net)
         F = tail.forward(h)              # h: layer4.0 output [B, C, h, w] (no grad needed)
-        grads = tail.weight_grads(L)     # list of 6 tensors [B, C_out, C_in, k, k]
+        for i, v in tail.vectors(L): ...  # the six CFGA vectors [B, C_in], one conv at a time
+        # (or tail.weight_grads(L): the six whole gradients [B, C_out, C_in, k, k])
     """
 
     def __init__(self, net: nn.Module):
@@ -96,6 +180,18 @@ class Layer4Tail:
             for hd in handles:
                 hd.remove()
         return F
+
+    def vectors(self, L: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (index, CFGA unit vectors [B, C_in]) for the six convs (``cfga_vectors``)."""
+        outs = [io[1] for io in self._io]
+        dYs = list(torch.autograd.grad(L, outs))
+        del outs
+        for i, conv in enumerate(self.convs):
+            X = self._io[i][0]
+            self._io[i] = None
+            dY, dYs[i] = dYs[i], None
+            yield i, cfga_vectors(X, dY, conv)
+            del X, dY
 
     def weight_grads(self, L: torch.Tensor):
         """Yield (index, G [B, C_out, C_in, k, k]) for the six convs, one at a time (memory)."""

@@ -138,3 +138,32 @@ def test_empty_mask_without_lcc_falls_back_to_whole_map(images, caplog):
     # whole-map mask: SCDA equals Pooling's [avg; max] on the 1×1 map
     np.testing.assert_allclose(feats["scda"], feats["embedding"], rtol=1e-6)
     assert all(np.isfinite(v).all() for v in feats.values())
+
+
+def test_rows_do_not_depend_on_batch_composition(images, checkpoint):
+    """On CPU a row is bit-identical whatever else is in its batch (sharded extraction relies on
+    it): the three 300×400 images together, one + two, and in another order."""
+    model = load_model("resnet50", "scda", checkpoint, device="cpu")
+    same = [images[i] for i, (h, w, _) in enumerate(SIZES) if (h, w) == (300, 400)]
+    assert len(same) == 3
+    together = extract_features(model, same, "scda", batch_size=8)
+    first = extract_features(model, same[:1], "scda", batch_size=8)
+    rest = extract_features(model, same[1:], "scda", batch_size=8)
+    shuffled = extract_features(model, [same[2], same[0], same[1]], "scda", batch_size=8)
+    for name in together:
+        split = np.concatenate([first[name], rest[name]])
+        assert together[name].tobytes() == split.tobytes(), name
+        assert together[name].tobytes() == shuffled[name][[1, 2, 0]].tobytes(), name
+
+
+def test_decode_ahead_equals_the_dataloader_path(images, checkpoint, monkeypatch):
+    """The in-process decode-ahead thread yields exactly the DataLoader's batches."""
+    import cfga.extract as extract_mod
+
+    model = load_model("resnet50", "scda", checkpoint, device="cpu")
+    subset = images[:5]
+    ahead = extract_features(model, subset, "scda", batch_size=2)
+    monkeypatch.setattr(extract_mod, "DECODE_AHEAD", False)
+    plain = extract_features(model, subset, "scda", batch_size=2)
+    for name in ahead:
+        assert ahead[name].tobytes() == plain[name].tobytes(), name

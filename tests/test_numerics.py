@@ -5,7 +5,8 @@ import torch
 
 from cfga.aggregation import aggregate_response, grad_to_vector, kernel_response
 from cfga.features import FEATURES, PROTOCOL_FEATURES, TABLE5_COLUMNS, features_for
-from cfga.gradients import cfga_scalar, per_sample_weight_grad
+from cfga import gradients as gradients_mod
+from cfga.gradients import cfga_scalar, cfga_vectors, kernel_responses, per_sample_weight_grad, stem_max_pool
 from cfga.scda import l2_normalize, largest_component, pooling_feature, scda_features, scda_mask
 
 
@@ -123,3 +124,77 @@ def test_feature_registry_is_consistent():
     assert [FEATURES[f].dim for f in ("cfga_4_1_1", "cfga_4_1_2", "cfga_4_1_3")] == [2048, 512, 512]
     with pytest.raises(ValueError, match="unknown protocol"):
         features_for("nope")
+
+
+# ---- the extraction's fused path (cfga.gradients.kernel_responses / cfga_vectors) -------------
+
+
+def _conv_case(k, pad, c_in=6, c_out=5, seed=0, relu=True):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(c_in, c_out, k, padding=pad, bias=False)
+    X = torch.randn(3, c_in, 5, 7, generator=g)
+    if relu:  # like the real inputs (ReLU outputs): the taps share a large common part
+        X = X.relu_() + 2.0
+    dY = torch.randn(3, c_out, 5, 7, generator=g)
+    return conv, X, dY
+
+
+def test_kernel_responses_1x1_bit_identical_to_full_gradient_path():
+    conv, X, dY = _conv_case(1, 0)
+    full = kernel_response(per_sample_weight_grad(X, dY, conv))
+    got = list(kernel_responses(X, dY, conv))
+    assert len(got) == 3
+    for n in range(3):
+        assert torch.equal(got[n], full[n])
+    assert torch.equal(cfga_vectors(X, dY, conv), grad_to_vector(per_sample_weight_grad(X, dY, conv)))
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_kernel_responses_3x3_match_full_gradient_path(relu, monkeypatch):
+    """Range + std from the tap-centred inputs equal SPEC §5.1 on the whole gradient (float rounding
+    aside), whatever the slab size (here 2 output channels per slab, so several slabs)."""
+    monkeypatch.setattr(gradients_mod, "KXK_SLAB", 2)
+    conv, X, dY = _conv_case(3, 1, relu=relu)
+    G = per_sample_weight_grad(X, dY, conv).double()
+    flat = G.flatten(-2)
+    ref = flat.amax(-1) - flat.amin(-1) + flat.std(-1)  # float64 oracle
+    got = torch.stack(list(kernel_responses(X, dY, conv))).double()
+    torch.testing.assert_close(got, ref, rtol=2e-6, atol=0)
+    v = cfga_vectors(X, dY, conv)
+    torch.testing.assert_close(v, grad_to_vector(per_sample_weight_grad(X, dY, conv)), rtol=0, atol=1e-6)
+
+
+def test_kernel_responses_3x3_constant_kernels_are_zero():
+    """X constant over every 3×3 window's taps (no padding, constant map) → every kernel's gradient
+    is constant → r = 0 exactly (std too), so the vector is all zeros, as the oracle's."""
+    conv = torch.nn.Conv2d(4, 3, 3, padding=0, bias=False)
+    X = torch.full((2, 4, 6, 6), 0.1)
+    dY = torch.randn(2, 3, 4, 4)
+    r = torch.stack(list(kernel_responses(X, dY, conv)))
+    assert torch.equal(r, torch.zeros_like(r))
+    assert not cfga_vectors(X, dY, conv).any()
+
+
+@pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
+def test_cfga_vectors_propagate_nan_and_keep_images_apart(k, pad):
+    conv, X, dY = _conv_case(k, pad)
+    clean = cfga_vectors(X, dY, conv)
+    dY[1, 2, 0, 0] = float("nan")
+    v = cfga_vectors(X, dY, conv)
+    assert torch.isnan(v[1]).all()  # a NaN gradient is reported, never turned into zeros
+    assert torch.equal(v[0], clean[0]) and torch.equal(v[2], clean[2])  # other images untouched
+
+
+def test_aggregate_response_propagates_nan():
+    r = torch.tensor([[[1.0, 4.0, 1.0], [3.0, float("nan"), 1.0]]])
+    assert torch.isnan(aggregate_response(r)).any()
+
+
+def test_stem_max_pool_is_bit_identical_to_the_module():
+    pool = torch.nn.MaxPool2d(3, 2, 1)
+    x = torch.randn(2, 8, 15, 17)
+    x[0, 0, 3, 3] = float("nan")
+    x[1, 1] = -0.0
+    x[1, 2, 4, 4] = float("inf")
+    assert stem_max_pool(pool, x).numpy().tobytes() == pool(x).numpy().tobytes()
+    assert stem_max_pool(pool, x).is_contiguous()
