@@ -1,6 +1,7 @@
 # Config validation and target lists. Everything the rules need to know about datasets,
 # models and features comes from here (features from cfga.features).
 
+import os
 import re
 
 from snakemake.exceptions import WorkflowError
@@ -14,6 +15,12 @@ config["extraction"].setdefault("device", "auto")
 config["extraction"].setdefault("batch_size", 8)
 config.setdefault("metrics", {}).setdefault("device", "cpu")
 config.setdefault("tables", {}).setdefault("published", "paper/published_recall_at_1.csv")
+# A relative `published` path that is not in the working directory (a run with --directory
+# elsewhere) is the repository's file.
+if not os.path.isabs(config["tables"]["published"]) and not os.path.exists(config["tables"]["published"]):
+    _shipped = os.path.join(workflow.basedir, config["tables"]["published"])
+    if os.path.exists(_shipped):
+        config["tables"]["published"] = _shipped
 
 DATASETS = config["datasets"]
 MODELS = config["models"]

@@ -32,3 +32,20 @@ def test_bad_key_is_named():
     cfg["models"]["synthetic_r50"]["protocl"] = "scda"
     with pytest.raises(Exception, match="protocl"):
         validate(cfg, SCHEMA)
+
+
+def test_default_config_plans_from_another_working_directory(tmp_path):
+    """--directory elsewhere: the relative `tables.published` resolves to the repository's file."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "config.yaml", tmp_path / "config.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(repo / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(tmp_path / "config.yaml"), "--cores", "1", "-n", "all"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rule tables" in proc.stdout + proc.stderr
