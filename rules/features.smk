@@ -67,6 +67,18 @@ EXTRACTION_DIGEST = code_digest(
 )
 
 
+# The params of every rule that writes a (dataset, model) feature file or a shard of one: what
+# the script reads, and the rerun triggers (extraction settings, code fingerprint).
+EXTRACTION_PARAMS = dict(
+    arch=lambda wc: MODELS[wc.model]["arch"],
+    protocol=lambda wc: MODELS[wc.model]["protocol"],
+    allow_pickle=lambda wc: MODELS[wc.model].get("allow_pickle", False),
+    format=lambda wc: MODELS[wc.model].get("format"),
+    extraction=config["extraction"],
+    code=EXTRACTION_DIGEST,
+)
+
+
 def _dataset_pattern(names):
     return "|".join(map(re.escape, names)) or "^$"
 
@@ -89,12 +101,7 @@ rule extract_features:
     wildcard_constraints:
         dataset=_dataset_pattern([d for d in DATASETS if d not in SHARDED]),
     params:
-        arch=lambda wc: MODELS[wc.model]["arch"],
-        protocol=lambda wc: MODELS[wc.model]["protocol"],
-        allow_pickle=lambda wc: MODELS[wc.model].get("allow_pickle", False),
-        format=lambda wc: MODELS[wc.model].get("format"),
-        extraction=config["extraction"],
-        code=EXTRACTION_DIGEST,
+        **EXTRACTION_PARAMS,
     log:
         "logs/features/{dataset}/{model}.log",
     benchmark:
@@ -118,12 +125,7 @@ rule extract_features_shard:
         shard="[0-9]+",
         nshards="[0-9]+",
     params:
-        arch=lambda wc: MODELS[wc.model]["arch"],
-        protocol=lambda wc: MODELS[wc.model]["protocol"],
-        allow_pickle=lambda wc: MODELS[wc.model].get("allow_pickle", False),
-        format=lambda wc: MODELS[wc.model].get("format"),
-        extraction=config["extraction"],
-        code=EXTRACTION_DIGEST,
+        **EXTRACTION_PARAMS,
     log:
         "logs/features/{dataset}/shards/{model}.{shard}-of-{nshards}.log",
     benchmark:
@@ -147,12 +149,7 @@ rule gather_features:
     wildcard_constraints:
         dataset=_dataset_pattern(SHARDED),
     params:
-        arch=lambda wc: MODELS[wc.model]["arch"],
-        protocol=lambda wc: MODELS[wc.model]["protocol"],
-        allow_pickle=lambda wc: MODELS[wc.model].get("allow_pickle", False),
-        format=lambda wc: MODELS[wc.model].get("format"),
-        extraction=config["extraction"],
-        code=EXTRACTION_DIGEST,
+        **EXTRACTION_PARAMS,
     log:
         "logs/features/{dataset}/{model}.log",
     script:
