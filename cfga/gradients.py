@@ -72,8 +72,9 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
     * 1×1: r = |dY_n @ X_nᵀ|.
     * k×k: r = range + unbiased std over the k² taps. Both are shift-invariant per kernel, so they
       are taken over the *centred* gradient g_t − mean_t g, which is linear in X: it is
-      ``dY_n @ (cols_t − mean_t cols)ᵀ`` with unfolded input columns cols. One matmul per slab of
-      output channels yields it, and the std is a plain sum of squares (no second centring pass).
+      ``dY_n @ (cols_t − mean_t cols)ᵀ`` with unfolded input columns cols (``centred_tap_columns``).
+      One matmul per slab of output channels yields it, and the std is a plain sum of squares (no
+      second centring pass).
       Centring the inputs first is also the more accurate order: X ≥ 0 (a ReLU output), so the
       raw taps share a large common part that the reference's G − mean cancels in float32.
       A constant kernel (range exactly 0) gets std exactly 0, as torch.std gives.
@@ -88,14 +89,8 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
         for n in range(B):
             yield torch.mm(dYf[n], Xf[n].T).abs_()
         return
-    kh, kw = conv.kernel_size
-    k2 = kh * kw
-    cols = Fn.unfold(X, (kh, kw), dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    cols = cols.view(B, C_in, k2, -1)
-    cols = cols - cols.mean(dim=2, keepdim=True)
-    # Tap-major rows [B, k²·C_in, hw]: each slab is then [slab, k², C_in] and the tap reductions
-    # run vectorised across input channels.
-    cols = cols.transpose(1, 2).reshape(B, k2 * C_in, -1)
+    k2 = conv.kernel_size[0] * conv.kernel_size[1]
+    cols = centred_tap_columns(X, conv)
     for n in range(B):
         r = torch.empty(C_out, C_in, dtype=dY.dtype, device=dY.device)
         colsT = cols[n].T
@@ -106,6 +101,34 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
             std.mul_(rng.sign())  # rng ≥ 0: ×1, or ×0 for a constant kernel; NaN stays in rng
             torch.add(rng, std, out=r[o : o + KXK_SLAB])
         yield r
+
+
+def centred_tap_columns(X: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The unfolded input of a k×k ``conv``, centred over its k² taps and stored tap-major:
+    X [B, C_in, h, w] → [B, k²·C_in, h'·w'] with row t·C_in + c = tap t of channel c minus the
+    mean of channel c's k² taps (the same numbers as ``Fn.unfold`` minus the tap mean).
+
+    Tap-major rows make each slab of ``dY @ colsᵀ`` a [slab, k², C_in] block whose reductions over
+    the taps run vectorised across input channels. For stride 1 (every CFGA conv) the taps are
+    plain shifted windows of the zero-padded input, stacked in one copy: about 4× cheaper than
+    ``unfold`` plus a transposing copy. Other strides take the ``unfold`` route.
+    """
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"only explicit zero padding is supported, got {conv.padding_mode!r} / {conv.padding!r}")
+    B, C_in = X.shape[:2]
+    kh, kw = conv.kernel_size
+    if conv.stride == (1, 1):
+        (dh, dw), (ph, pw) = conv.dilation, conv.padding
+        Xp = Fn.pad(X, (pw, pw, ph, ph))
+        oh, ow = Xp.shape[2] - dh * (kh - 1), Xp.shape[3] - dw * (kw - 1)
+        taps = torch.stack([Xp[:, :, i * dh : i * dh + oh, j * dw : j * dw + ow]
+                            for i in range(kh) for j in range(kw)], dim=1)  # [B, k², C_in, h', w']
+        taps.sub_(taps.mean(dim=1, keepdim=True))
+        return taps.view(B, kh * kw * C_in, oh * ow)
+    cols = Fn.unfold(X, (kh, kw), dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    cols = cols.view(B, C_in, kh * kw, -1)
+    cols = cols - cols.mean(dim=2, keepdim=True)
+    return cols.transpose(1, 2).reshape(B, kh * kw * C_in, -1)
 
 
 def cfga_vectors(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

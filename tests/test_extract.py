@@ -162,8 +162,29 @@ def test_decode_ahead_equals_the_dataloader_path(images, checkpoint, monkeypatch
 
     model = load_model("resnet50", "scda", checkpoint, device="cpu")
     subset = images[:5]
+    calls = []
+    real = extract_mod._decode_ahead
+    monkeypatch.setattr(extract_mod, "_decode_ahead", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(extract_mod, "DECODE_AHEAD", True)
     ahead = extract_features(model, subset, "scda", batch_size=2)
+    assert calls, "the decode-ahead path was not taken"
     monkeypatch.setattr(extract_mod, "DECODE_AHEAD", False)
     plain = extract_features(model, subset, "scda", batch_size=2)
+    assert len(calls) == 1  # the second run used the DataLoader
     for name in ahead:
         assert ahead[name].tobytes() == plain[name].tobytes(), name
+
+
+def test_decode_ahead_auto_only_with_a_free_core(monkeypatch):
+    """'auto' decodes ahead only when torch's threads leave a core idle (on a saturated CPU the
+    decode thread slows the convolutions more than it saves)."""
+    import cfga.extract as extract_mod
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(extract_mod, "usable_cores", lambda: threads)
+    assert not extract_mod.decode_ahead_wanted("auto")
+    monkeypatch.setattr(extract_mod, "usable_cores", lambda: threads + 1)
+    assert extract_mod.decode_ahead_wanted("auto")
+    assert extract_mod.decode_ahead_wanted(True) and not extract_mod.decode_ahead_wanted(False)
+    with pytest.raises(ValueError, match="DECODE_AHEAD"):
+        extract_mod.decode_ahead_wanted("yes")

@@ -2,11 +2,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as Fn
 
 from cfga.aggregation import aggregate_response, grad_to_vector, kernel_response
 from cfga.features import FEATURES, PROTOCOL_FEATURES, TABLE5_COLUMNS, features_for
 from cfga import gradients as gradients_mod
-from cfga.gradients import cfga_scalar, cfga_vectors, kernel_responses, per_sample_weight_grad, stem_max_pool
+from cfga.gradients import (centred_tap_columns, cfga_scalar, cfga_vectors, kernel_responses, per_sample_weight_grad,
+                            stem_max_pool)
 from cfga.scda import l2_normalize, largest_component, pooling_feature, scda_features, scda_mask
 
 
@@ -162,6 +164,21 @@ def test_kernel_responses_3x3_match_full_gradient_path(relu, monkeypatch):
     torch.testing.assert_close(got, ref, rtol=2e-6, atol=0)
     v = cfga_vectors(X, dY, conv)
     torch.testing.assert_close(v, grad_to_vector(per_sample_weight_grad(X, dY, conv)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,pad,dil,stride", [(3, 1, 1, 1), (3, 0, 1, 1), (3, 2, 2, 1), (5, 2, 1, 1), (3, 1, 1, 2)])
+def test_centred_tap_columns_are_unfold_minus_the_tap_mean(k, pad, dil, stride):
+    """The shifted-window columns (stride 1) and the unfold fallback (stride 2) hold unfold's
+    numbers, centred over the taps, in tap-major rows."""
+    conv = torch.nn.Conv2d(4, 2, k, padding=pad, dilation=dil, stride=stride, bias=False)
+    X = torch.randn(2, 4, 7, 9).relu_() + 1.0
+    cols = Fn.unfold(X, k, dilation=dil, padding=pad, stride=stride).view(2, 4, k * k, -1).double()
+    ref = (cols - cols.mean(dim=2, keepdim=True)).transpose(1, 2).reshape(2, k * k * 4, -1)
+    got = centred_tap_columns(X, conv)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="zero padding"):
+        centred_tap_columns(X, torch.nn.Conv2d(4, 2, 3, padding=1, padding_mode="reflect"))
 
 
 def test_kernel_responses_3x3_constant_kernels_are_zero():
