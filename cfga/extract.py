@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -53,15 +52,18 @@ def exact_float32():
 
 
 def image_level_features(F: torch.Tensor, protocol: Protocol) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Mask and mask-free features of ONE map F [C, h, w] → ({name: [D]}, mask bool [h, w]).
+    """Mask and mask-free features of maps F [..., C, h, w] (one image or a batch) →
+    ({name: [..., D]}, masks bool [..., h, w]). Each map is treated on its own.
 
     Without LCC an empty mask (constant map, e.g. a 1×1 map from an input ≤ 32 px) would divide
     by zero in the authors' code (SPEC S6); here it falls back to the whole map, with a warning.
     """
     mask = scda_mask(F, protocol.lcc)
-    if not bool(mask.any()):
-        log.warning("empty SCDA mask (constant layer4 map of size %s): using the whole map", tuple(F.shape[1:]))
-        mask = torch.ones_like(mask)
+    empty = ~mask.flatten(-2).any(dim=-1)
+    if bool(empty.any()):
+        log.warning("empty SCDA mask (constant layer4 map of size %s) in %d image(s): using the whole map",
+                    tuple(F.shape[-2:]), int(empty.sum()))
+        mask = mask | empty[..., None, None]
     feats = {}
     if "scda" in protocol.features:
         scda, original = scda_features(F, mask, float64=protocol.lcc)
@@ -88,21 +90,14 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[
     tail = Layer4Tail(net)
     F = tail.forward(h)
     Fd = F.detach()
-    B, _, fh, fw = F.shape
+    fh, fw = F.shape[2:]
 
-    per_image: dict[str, list[torch.Tensor]] = defaultdict(list)
-    masks = []
-    for b in range(B):
-        feats, mask = image_level_features(Fd[b], protocol)
-        for k, v in feats.items():
-            per_image[k].append(v)
-        masks.append(mask)
-    mask_t = torch.stack(masks).to(torch.float32).unsqueeze(1)
+    out, masks = image_level_features(Fd, protocol)
+    mask_t = masks.to(torch.float32).unsqueeze(1)
     a = mask_t.flatten(1).sum(dim=1).double()
     coef = ((fh * fw) / a).float()  # (h·w)/a as a Python-float-like double, then float32 as torch does
 
     L = cfga_scalar(F, mask_t, coef)
-    out = {k: torch.stack(v) for k, v in per_image.items()}
     if protocol.embedding in HEADS:
         with torch.no_grad():
             out["embedding"] = head_embedding(net, Fd, protocol.embedding)

@@ -96,11 +96,49 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
         colsT = cols[n].T
         for o in range(0, C_out, KXK_SLAB):
             Gc = torch.mm(dYf[n, o : o + KXK_SLAB], colsT).view(-1, k2, C_in)
-            rng = Gc.amax(dim=1).sub_(Gc.amin(dim=1))  # max g + max(−g)
-            std = Gc.square_().sum(dim=1).div_(k2 - 1).sqrt_()
-            std.mul_(rng.sign())  # rng ≥ 0: ×1, or ×0 for a constant kernel; NaN stays in rng
-            torch.add(rng, std, out=r[o : o + KXK_SLAB])
+            _centred_tap_response(Gc, out=r[o : o + KXK_SLAB])
         yield r
+
+
+def _centred_tap_response(Gc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Range + unbiased std over the taps of tap-centred gradients Gc [..., k², C_in] → out
+    [..., C_in] (SPEC §5.1; Gc is overwritten)."""
+    k2 = Gc.shape[-2]
+    rng = Gc.amax(dim=-2).sub_(Gc.amin(dim=-2))  # max g + max(−g)
+    std = Gc.square_().sum(dim=-2).div_(k2 - 1).sqrt_()
+    std.mul_(rng.sign())  # rng ≥ 0: ×1, or ×0 for a constant kernel; NaN stays in rng
+    return torch.add(rng, std, out=out)
+
+
+# Largest per-chunk gradient of the batched path, in floats (1 GiB): 3×3 layer4 convs → ~110
+# images per chunk, so a CUDA batch of 32 is one bmm per conv.
+BATCHED_MAX_ELEMENTS = 2**28
+
+
+def batched_kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``kernel_responses`` for the whole batch at once: X, dY as there → r [B, C_out, C_in].
+
+    One batched matmul per conv (per chunk of images) instead of a loop over images and slabs:
+    what a GPU needs (a few large kernels instead of ~10 small launches per image and conv),
+    at the price of holding every image's gradient ([B, C_out, k²·C_in] floats, chunked to
+    ``BATCHED_MAX_ELEMENTS``). Each image's r still comes from its own dY and X only.
+    """
+    if conv.groups != 1:
+        raise ValueError("grouped convolutions are not supported")
+    B, C_out = dY.shape[:2]
+    C_in = X.shape[1]
+    dYf = dY.reshape(B, C_out, -1)
+    r = torch.empty(B, C_out, C_in, dtype=dY.dtype, device=dY.device)
+    if _is_pointwise(conv):
+        torch.bmm(dYf, X.reshape(B, C_in, -1).transpose(1, 2), out=r)
+        return r.abs_()
+    k2 = conv.kernel_size[0] * conv.kernel_size[1]
+    cols = centred_tap_columns(X, conv)
+    step = max(1, BATCHED_MAX_ELEMENTS // (C_out * k2 * C_in))
+    for i in range(0, B, step):
+        Gc = torch.bmm(dYf[i : i + step], cols[i : i + step].transpose(1, 2))
+        _centred_tap_response(Gc.view(-1, C_out, k2, C_in), out=r[i : i + step])
+    return r
 
 
 def centred_tap_columns(X: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -131,10 +169,20 @@ def centred_tap_columns(X: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(B, kh * kw * C_in, -1)
 
 
-def cfga_vectors(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+def cfga_vectors(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *, batched: bool | None = None) -> torch.Tensor:
     """The CFGA vectors of ``conv`` for a batch (SPEC §5): X, dY as in ``kernel_responses`` →
-    unit vectors [B, C_in] (zeros where v = 0). Each row depends on its own image only."""
-    v = torch.stack([aggregate_response(r) for r in kernel_responses(X, dY, conv)])
+    unit vectors [B, C_in] (zeros where v = 0). Each row depends on its own image only.
+
+    ``batched`` picks ``batched_kernel_responses`` over the image-by-image, cache-sized
+    ``kernel_responses``; None → batched on every device but the CPU (where the per-image path
+    is faster and keeps a row's bits independent of the rest of its batch).
+    """
+    if batched is None:
+        batched = X.device.type != "cpu"
+    if batched:
+        v = aggregate_response(batched_kernel_responses(X, dY, conv))
+    else:
+        v = torch.stack([aggregate_response(r) for r in kernel_responses(X, dY, conv)])
     return l2_normalize(v)
 
 

@@ -1,7 +1,8 @@
 """SCDA mask and the image-level features built on it (SPEC §4.1–§4.3).
 
-Pure functions over tensors. ``F`` is the ``layer4`` output of ONE image, float32 [C, h, w],
-non-negative (it follows a ReLU).
+Pure functions over tensors. ``F`` is the ``layer4`` output of one image, float32 [C, h, w], or of
+a batch, [B, C, h, w] (any leading dims: each map is treated on its own); non-negative (it
+follows a ReLU).
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ def l2_normalize(v: torch.Tensor) -> torch.Tensor:
 
 
 def threshold_mask(F: torch.Tensor) -> torch.Tensor:
-    """B = S > mean(S) with S = Σ_c F[c] (float32, strict >): bool [h, w]."""
-    S = torch.sum(F.unsqueeze(0), dim=1)[0]
-    return S > torch.mean(S)
+    """B = S > mean(S) with S = Σ_c F[c] (float32, strict >): F [..., C, h, w] → bool [..., h, w]."""
+    S = F.sum(dim=-3)
+    return S > S.mean(dim=(-2, -1), keepdim=True)
 
 
 def largest_component(B: np.ndarray) -> np.ndarray:
@@ -37,35 +38,39 @@ def largest_component(B: np.ndarray) -> np.ndarray:
 
 
 def scda_mask(F: torch.Tensor, lcc: bool) -> torch.Tensor:
-    """The SCDA selection M for one map F [C, h, w] → bool [h, w] on F's device.
+    """The SCDA selection M of maps F [..., C, h, w] → bool [..., h, w] on F's device.
 
-    ``lcc=True`` (scda protocol) keeps the largest 4-connected component; otherwise M = B.
+    ``lcc=True`` (scda protocol) keeps each map's largest 4-connected component (labelled on the
+    CPU: one transfer for the whole batch); otherwise M = B.
     """
     B = threshold_mask(F)
     if not lcc:
         return B
-    return torch.from_numpy(largest_component(B.cpu().numpy())).to(F.device)
+    Bn = B.cpu().numpy()
+    flat = Bn.reshape(-1, *Bn.shape[-2:])
+    M = np.stack([largest_component(b) for b in flat]).reshape(Bn.shape) if flat.shape[0] else Bn
+    return torch.from_numpy(M).to(F.device)
 
 
 def scda_features(F: torch.Tensor, mask: torch.Tensor, *, float64: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scda, scda_original) for one map F [C, h, w] and mask [h, w] → two [2C] vectors.
+    """(scda, scda_original) for maps F [..., C, h, w] and masks [..., h, w] → two [..., 2C].
 
     avg_M = Σ_p F·M / |M|, max_M = max_p F·M, order [avg, max]. ``scda`` concatenates then
     normalises; ``scda_original`` normalises each half (norm √2). The LCC protocol does this in
     float64 (the authors' int mask promotes), the others in float32.
     """
     dtype = torch.float64 if float64 else torch.float32
-    m = mask.to(dtype)
-    Fm = F.to(dtype).flatten(1) * m.flatten()
-    a = m.sum()
-    avg = Fm.sum(dim=1) / a.clamp_min(1)  # empty mask: zeros (then the zero-norm rule), not NaN
-    mx = Fm.amax(dim=1)
-    scda = l2_normalize(torch.cat([avg, mx]))
-    original = torch.cat([l2_normalize(avg), l2_normalize(mx)])
+    m = mask.to(dtype).flatten(-2).unsqueeze(-2)  # [..., 1, hw]
+    Fm = F.to(dtype).flatten(-2) * m
+    a = m.sum(dim=-1)  # [..., 1]
+    avg = Fm.sum(dim=-1) / a.clamp_min(1)  # empty mask: zeros (then the zero-norm rule), not NaN
+    mx = Fm.amax(dim=-1)
+    scda = l2_normalize(torch.cat([avg, mx], dim=-1))
+    original = torch.cat([l2_normalize(avg), l2_normalize(mx)], dim=-1)
     return scda, original
 
 
 def pooling_feature(F: torch.Tensor) -> torch.Tensor:
-    """Pooling (SPEC §4.3): L2([GAP(F); GMP(F)]) over the whole map, float32 → [2C]."""
-    flat = F.flatten(1)
-    return l2_normalize(torch.cat([flat.mean(dim=1), flat.amax(dim=1)]))
+    """Pooling (SPEC §4.3): L2([GAP(F); GMP(F)]) over each whole map, float32: [..., C, h, w] → [..., 2C]."""
+    flat = F.flatten(-2)
+    return l2_normalize(torch.cat([flat.mean(dim=-1), flat.amax(dim=-1)], dim=-1))

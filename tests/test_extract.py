@@ -85,6 +85,28 @@ def test_batched_equals_batch_size_one_and_is_deterministic(images, checkpoint):
         assert np.array_equal(a[name], c[name]), f"{name}: two CPU runs differ"
 
 
+def test_gpu_batched_cfga_path_matches_reference_on_cpu(images, checkpoint, monkeypatch):
+    """The batched CFGA step that CUDA uses (cfga.gradients.batched_kernel_responses), forced on
+    the CPU so CI covers it: every feature still matches the SPEC reference."""
+    import functools
+
+    import cfga.gradients as gradients_mod
+
+    calls = []
+    real = gradients_mod.batched_kernel_responses
+    monkeypatch.setattr(gradients_mod, "batched_kernel_responses", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gradients_mod, "cfga_vectors", functools.partial(gradients_mod.cfga_vectors, batched=True))
+    model = load_model("resnet50", "scda", checkpoint, device="cpu")
+    feats = extract_features(model, images, "scda", batch_size=4)
+    assert calls
+    ref_model = _reference_model(checkpoint)
+    for i, p in enumerate(images):
+        ref = reference_features(ref_model, p, "scda")
+        for name in feats:
+            cos = _cosines(feats[name][i : i + 1].astype(np.float64), ref[name][None].astype(np.float64))[0]
+            assert cos >= MIN_COSINE, f"{name} image {i}: cosine {cos}"
+
+
 def test_pil_inputs_equal_paths(images, checkpoint):
     model = load_model("resnet50", "scda", checkpoint, device="cpu")
     pils = [Image.open(p) for p in images[:3]]

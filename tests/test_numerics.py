@@ -202,6 +202,24 @@ def test_cfga_vectors_propagate_nan_and_keep_images_apart(k, pad):
     assert torch.equal(v[0], clean[0]) and torch.equal(v[2], clean[2])  # other images untouched
 
 
+@pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
+def test_batched_path_matches_the_per_image_path(k, pad, monkeypatch):
+    """The GPU's batched CFGA step (one bmm per conv, chunked) gives the per-image path's vectors:
+    whatever the chunking (here 1 and 2 images per chunk, and all 3), NaNs stay in their image."""
+    conv, X, dY = _conv_case(k, pad)
+    per_image = cfga_vectors(X, dY, conv, batched=False)
+    r_ref = torch.stack(list(kernel_responses(X, dY, conv)))
+    for elems in (1, conv.weight[0].numel() * 5 * 2, 2**28):  # chunks of 1, 2 and 3 images
+        monkeypatch.setattr(gradients_mod, "BATCHED_MAX_ELEMENTS", elems)
+        r = gradients_mod.batched_kernel_responses(X, dY, conv)
+        torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cfga_vectors(X, dY, conv, batched=True), per_image, rtol=0, atol=1e-6)
+    dY[1, 2, 0, 0] = float("nan")
+    v = cfga_vectors(X, dY, conv, batched=True)
+    assert torch.isnan(v[1]).all()
+    torch.testing.assert_close(v[[0, 2]], per_image[[0, 2]], rtol=0, atol=1e-6)
+
+
 def test_aggregate_response_propagates_nan():
     r = torch.tensor([[[1.0, 4.0, 1.0], [3.0, float("nan"), 1.0]]])
     assert torch.isnan(aggregate_response(r)).any()

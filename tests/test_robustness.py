@@ -709,3 +709,20 @@ def test_extract_twice_is_bit_identical(model, tmp_path):
     for name in a:
         assert a[name].tobytes() == b[name].tobytes(), name
     assert np.linalg.norm(a["cfga_4_1_2"], axis=1).min() > 0  # not trivially all zeros
+
+
+@pytest.mark.parametrize("protocol", ["scda", "dgpcrl", "ms"])
+def test_image_level_features_batch_equals_one_map_at_a_time(protocol):
+    """The batched call (one mask transfer, batched reductions) gives every image its own features,
+    bit for bit, including the empty-mask fallback for a constant map that shares the batch."""
+    g = torch.Generator().manual_seed(3)
+    F = torch.rand(4, 6, 5, 7, generator=g) ** 4
+    F[2] = 0.5  # constant map: B is empty → whole map, for this image only
+    proto = get_protocol(protocol)
+    feats, masks = image_level_features(F, proto)
+    assert masks[2].all() and not masks[0].all()
+    for b in range(4):
+        one, mask = image_level_features(F[b], proto)
+        assert torch.equal(masks[b], mask)
+        for name, v in one.items():
+            assert feats[name][b].numpy().tobytes() == v.numpy().tobytes(), (b, name)
