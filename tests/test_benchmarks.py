@@ -1,0 +1,38 @@
+"""The benchmark scripts stay runnable (tiny sizes; the figures themselves are in BENCHMARKS.md)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cfga.extract import usable_cores
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, cwd):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_extract_speed_runs_and_cfga_matches_the_authors_pattern(tmp_path):
+    out = tmp_path / "summary.json"
+    stdout = _run("extract_speed.py", "--n", "3", "--repeats", "1", "--size", "96x128", "--threads", "1",
+                  "--json", str(out), cwd=tmp_path)
+    assert "cfga/floor" in stdout
+    summary = json.loads(out.read_text())
+    assert set(summary["s_per_image"]) == {"authors", "floor", "floor_tuned", "cfga"}
+    assert summary["min_cosine_vs_authors"] >= 0.9999
+    assert summary["max_abs_dev_vs_authors"] < 1e-4
+    assert summary["decode_ahead"] == (usable_cores() > 1)  # 1 torch thread: decode ahead iff a core is free
+
+
+@pytest.mark.parametrize("script,args", [
+    ("metrics_speed.py", ["--n", "600", "--dim", "16", "--repeats", "1", "--threads", "1"]),
+    ("featurestore_speed.py", ["--rows", "40", "--repeats", "1"]),
+])
+def test_other_benchmarks_run(script, args, tmp_path):
+    assert _run(script, *args, cwd=tmp_path).strip()
