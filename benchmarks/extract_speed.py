@@ -13,9 +13,9 @@ Timed in alternation after a warm-up, decoding included, medians over --repeats:
       loop (serial decoding, the model's own modules);
   (b') floor, tuned: (b) with the generic speed-ups that cfga.extract_features also uses and
       that any forward could use — the bit-exact channels-last stem max-pool
-      (cfga.gradients.stem_max_pool) and, where cfga.extract would (a core left idle by torch's
-      threads), JPEG decoding in a background thread — so (c)/(b') is what CFGA itself costs over
-      an equally tuned forward; reported, not a target;
+      (cfga.gradients.stem_max_pool) and cfga's in-process JPEG loader (decoding in threads:
+      ahead of the model where torch leaves a core idle, else each batch on every core) — so
+      (c)/(b') is what CFGA itself costs over an equally tuned forward; reported, not a target;
   (c) cfga.extract_features: all 10 features.
 Prints images/s, (c)/(b), (c)/(b') and (a)/(c), and the largest deviation of (c) from (a).
 """
@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cfga import extract_features  # noqa: E402
-from cfga.extract import _decode_ahead, decode_ahead_wanted, default_batch_size, size_buckets  # noqa: E402
+from cfga.extract import decode_ahead_wanted, default_batch_size, in_process_batches, size_buckets  # noqa: E402
 from cfga.gradients import stem_max_pool  # noqa: E402
 from cfga.features import CFGA_LAYERS, cfga_name, features_for  # noqa: E402
 from cfga.preprocess import output_size, peek_size, preprocess  # noqa: E402
@@ -151,12 +151,12 @@ def floor_extract(net, paths, device, batch_size) -> np.ndarray:
 
 
 def floor_tuned_extract(net, paths, device, batch_size) -> np.ndarray:
-    """(b'): the floor with the exact channels-last stem max-pool, decoding ahead where cfga would."""
+    """(b'): the floor with the exact channels-last stem max-pool and cfga's in-process loader."""
     proto = get_protocol("scda")
     sizes = [output_size(*peek_size(p), proto.resize) for p in paths]
     batches = size_buckets(sizes, batch_size)
-    if device.type == "cpu" and decode_ahead_wanted():
-        loader = _decode_ahead(paths, batches, proto.resize)
+    if device.type == "cpu":
+        loader = in_process_batches(paths, batches, proto.resize)
     else:
         loader = ((idx, torch.stack([preprocess(paths[i], proto.resize) for i in idx])) for idx in batches)
     out = []

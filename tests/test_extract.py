@@ -178,23 +178,25 @@ def test_rows_do_not_depend_on_batch_composition(images, checkpoint):
         assert together[name].tobytes() == shuffled[name][[1, 2, 0]].tobytes(), name
 
 
-def test_decode_ahead_equals_the_dataloader_path(images, checkpoint, monkeypatch):
-    """The in-process decode-ahead thread yields exactly the DataLoader's batches."""
+def test_in_process_loaders_equal_the_dataloader_path(images, checkpoint, monkeypatch):
+    """Decoding ahead (background thread), in parallel (each batch on every core) and the
+    DataLoader (a worker process) give the same bytes."""
     import cfga.extract as extract_mod
 
     model = load_model("resnet50", "scda", checkpoint, device="cpu")
     subset = images[:5]
     calls = []
-    real = extract_mod._decode_ahead
-    monkeypatch.setattr(extract_mod, "_decode_ahead", lambda *a: calls.append(1) or real(*a))
+    for name in ("_decode_ahead", "_decode_parallel"):
+        real = getattr(extract_mod, name)
+        monkeypatch.setattr(extract_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     monkeypatch.setattr(extract_mod, "DECODE_AHEAD", True)
     ahead = extract_features(model, subset, "scda", batch_size=2)
-    assert calls, "the decode-ahead path was not taken"
     monkeypatch.setattr(extract_mod, "DECODE_AHEAD", False)
-    plain = extract_features(model, subset, "scda", batch_size=2)
-    assert len(calls) == 1  # the second run used the DataLoader
+    parallel = extract_features(model, subset, "scda", batch_size=2)
+    loader = extract_features(model, subset, "scda", batch_size=2, num_workers=1)
+    assert calls == ["_decode_ahead", "_decode_parallel"]  # the DataLoader run used neither
     for name in ahead:
-        assert ahead[name].tobytes() == plain[name].tobytes(), name
+        assert ahead[name].tobytes() == parallel[name].tobytes() == loader[name].tobytes(), name
 
 
 def test_decode_ahead_auto_only_with_a_free_core(monkeypatch):
