@@ -6,7 +6,8 @@ Runs anywhere `python3` has torch, torchvision, numpy, scipy and Pillow (no Snak
     python3 benchmarks/extract_speed.py --device cpu --threads 2 --n 24
     python3 benchmarks/extract_speed.py --device cuda --n 512
 
-Timed in alternation after a warm-up, decoding included, medians over --repeats:
+Timed in alternation after a warm-up (the order rotates every repeat), decoding included, medians
+over --repeats:
   (a) authors: batch size 1, PIL loader, autograd through the WHOLE network, numpy round trips
       (re-created here from SPEC §2–§5; it is also what the paper's numbers come from);
   (b) floor: decode + resize + forward + pooling only, batched like (c), no autograd; a plain
@@ -208,8 +209,12 @@ def main() -> None:
         f()
     times = {k: [] for k in runs}
     results = {}
-    for _ in range(args.repeats):
-        for k, f in runs.items():
+    keys = list(runs)
+    for rep in range(args.repeats):
+        # Rotate the order every repeat: no method always follows the same one (caches, allocator,
+        # the authors' large backward), so order effects cancel over the repeats.
+        for k in keys[rep % len(keys):] + keys[: rep % len(keys)]:
+            f = runs[k]
             sync(device)
             t0 = time.perf_counter()
             results[k] = f()

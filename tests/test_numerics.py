@@ -152,10 +152,9 @@ def test_kernel_responses_1x1_bit_identical_to_full_gradient_path():
 
 
 @pytest.mark.parametrize("relu", [True, False])
-def test_kernel_responses_3x3_match_full_gradient_path(relu, monkeypatch):
+def test_kernel_responses_3x3_match_full_gradient_path(relu):
     """Range + std from the tap-centred inputs equal SPEC §5.1 on the whole gradient (float rounding
-    aside), whatever the slab size (here 2 output channels per slab, so several slabs)."""
-    monkeypatch.setattr(gradients_mod, "KXK_SLAB", 2)
+    aside)."""
     conv, X, dY = _conv_case(3, 1, relu=relu)
     G = per_sample_weight_grad(X, dY, conv).double()
     flat = G.flatten(-2)
