@@ -157,8 +157,12 @@ def decode_ahead_wanted(mode: bool | str | None = None) -> bool:
     raise ValueError(f"DECODE_AHEAD must be True, False or 'auto', got {mode!r}")
 
 
+def _decode_one(images: Sequence[ImageLike], i: int, resize):
+    return resize_image(load_rgb(images[i]), resize)
+
+
 def _decode_pil(images: Sequence[ImageLike], idx: list[int], resize) -> list:
-    return [resize_image(load_rgb(images[i]), resize) for i in idx]
+    return [_decode_one(images, i, resize) for i in idx]
 
 
 def _decode_ahead(images: Sequence[ImageLike], batches: list[list[int]], resize):
@@ -184,7 +188,7 @@ def _decode_parallel(images: Sequence[ImageLike], batches: list[list[int]], resi
         return
     with ThreadPoolExecutor(max_workers=workers or usable_cores(), thread_name_prefix="cfga-decode") as pool:
         for idx in batches:
-            pils = list(pool.map(lambda i: resize_image(load_rgb(images[i]), resize), idx))
+            pils = list(pool.map(lambda i: _decode_one(images, i, resize), idx))
             yield torch.tensor(idx), torch.stack([to_normalized_tensor(im) for im in pils])
 
 
