@@ -92,7 +92,9 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
         # become elementwise passes over k² contiguous [C_in, C_out] planes.
         Gt = torch.mm(cols[n], dYf[n].T).view(k2, C_in, C_out)
         rT = torch.empty(C_in, C_out, dtype=dY.dtype, device=dY.device)
-        yield _centred_tap_response(Gt, out=rT, dim=0).T
+        # Back to [C_out, C_in] in memory too: the aggregation's reductions over a transposed view
+        # cost more than this 1 MB copy.
+        yield _centred_tap_response(Gt, out=rT, dim=0).T.contiguous()
 
 
 def _centred_tap_response(Gc: torch.Tensor, out: torch.Tensor, dim: int = -2) -> torch.Tensor:
