@@ -33,16 +33,24 @@ def cfga_convs(net: nn.Module) -> list[nn.Conv2d]:
     return [getattr(net.layer4[b], f"conv{c}") for b, c in CFGA_LAYERS]
 
 
+def _require_ungrouped(conv: nn.Conv2d) -> None:
+    if conv.groups != 1:
+        raise ValueError("grouped convolutions are not supported")
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+
+
 def per_sample_weight_grad(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """Weight gradient of ``conv`` for each image: X [B, C_in, h, w], dY [B, C_out, h', w']
     → G [B, C_out, C_in, kh, kw] (float32, same device)."""
-    if conv.groups != 1:
-        raise ValueError("grouped convolutions are not supported")
+    _require_ungrouped(conv)
     B, C_out = dY.shape[:2]
     kh, kw = conv.kernel_size
     dYf = dY.reshape(B, C_out, -1)
     C_in = X.shape[1]
-    if (kh, kw) == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0):
+    if _is_pointwise(conv):
         cols = X.reshape(B, C_in, -1)
         return torch.bmm(dYf, cols.transpose(1, 2)).view(B, C_out, C_in, 1, 1)
     cols = Fn.unfold(X, (kh, kw), dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
@@ -51,10 +59,6 @@ def per_sample_weight_grad(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -
     cols = cols.view(B, C_in, kh * kw, -1).transpose(1, 2).reshape(B, kh * kw * C_in, -1)
     G = torch.bmm(dYf, cols.transpose(1, 2)).view(B, C_out, kh * kw, C_in)
     return G.transpose(2, 3).unflatten(3, (kh, kw))  # a [B, C_out, C_in, kh, kw] view
-
-
-def _is_pointwise(conv: nn.Conv2d) -> bool:
-    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
 
 
 def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iterator[torch.Tensor]:
@@ -74,8 +78,7 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
       raw taps share a large common part that the reference's G − mean cancels in float32.
       A constant kernel (range exactly 0) gets std exactly 0, as torch.std gives.
     """
-    if conv.groups != 1:
-        raise ValueError("grouped convolutions are not supported")
+    _require_ungrouped(conv)
     B, C_out = dY.shape[:2]
     C_in = X.shape[1]
     dYf = dY.reshape(B, C_out, -1)
@@ -124,8 +127,7 @@ def batched_kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d)
     at the price of holding every image's gradient ([B, C_out, k²·C_in] floats, chunked to
     ``BATCHED_MAX_ELEMENTS``). Each image's r still comes from its own dY and X only.
     """
-    if conv.groups != 1:
-        raise ValueError("grouped convolutions are not supported")
+    _require_ungrouped(conv)
     B, C_out = dY.shape[:2]
     C_in = X.shape[1]
     dYf = dY.reshape(B, C_out, -1)

@@ -232,3 +232,12 @@ def test_stem_max_pool_is_bit_identical_to_the_module():
     x[1, 2, 4, 4] = float("inf")
     assert stem_max_pool(pool, x).numpy().tobytes() == pool(x).numpy().tobytes()
     assert stem_max_pool(pool, x).is_contiguous()
+
+
+def test_grouped_convs_are_refused_by_every_gradient_path():
+    conv = torch.nn.Conv2d(4, 4, 1, groups=2, bias=False)
+    X, dY = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3)
+    for path in (per_sample_weight_grad, lambda *a: list(kernel_responses(*a)),
+                 gradients_mod.batched_kernel_responses):
+        with pytest.raises(ValueError, match="grouped"):
+            path(X, dY, conv)
