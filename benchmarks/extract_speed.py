@@ -13,10 +13,11 @@ over --repeats:
   (b) floor: decode + resize + forward + pooling only, batched like (c), no autograd; a plain
       loop (serial decoding, the model's own modules);
   (b') floor, tuned: (b) with the generic speed-ups that cfga.extract_features also uses and
-      that any forward could use — the bit-exact channels-last stem max-pool
-      (cfga.gradients.stem_max_pool) and cfga's in-process JPEG loader (decoding in threads:
-      ahead of the model where torch leaves a core idle, else each batch on every core) — so
-      (c)/(b') is what CFGA itself costs over an equally tuned forward; reported, not a target;
+      that any forward could use — cfga's trunk up to layer4.0 (cfga.gradients.trunk_to_layer4_0:
+      the bit-exact channels-last stem max-pool, batch norms written in place) and cfga's
+      in-process JPEG loader (decoding in threads: ahead of the model where torch leaves a core
+      idle, else each batch on every core) — so (c)/(b') is what CFGA itself costs over an
+      equally tuned forward; reported, not a target;
   (c) cfga.extract_features: all 10 features.
 Prints images/s, (c)/(b), (c)/(b') and (a)/(c), and the largest deviation of (c) from (a).
 """
@@ -40,7 +41,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cfga import extract_features  # noqa: E402
 from cfga.extract import decode_ahead_wanted, default_batch_size, in_process_batches, size_buckets  # noqa: E402
-from cfga.gradients import stem_max_pool  # noqa: E402
+from cfga.gradients import trunk_to_layer4_0  # noqa: E402
 from cfga.features import CFGA_LAYERS, cfga_name, features_for  # noqa: E402
 from cfga.preprocess import output_size, peek_size, preprocess  # noqa: E402
 from cfga.protocols import get_protocol  # noqa: E402
@@ -152,7 +153,7 @@ def floor_extract(net, paths, device, batch_size) -> np.ndarray:
 
 
 def floor_tuned_extract(net, paths, device, batch_size) -> np.ndarray:
-    """(b'): the floor with the exact channels-last stem max-pool and cfga's in-process loader."""
+    """(b'): the floor with cfga's trunk (exact stem max-pool, in-place norms) and in-process loader."""
     proto = get_protocol("scda")
     sizes = [output_size(*peek_size(p), proto.resize) for p in paths]
     batches = size_buckets(sizes, batch_size)
@@ -163,9 +164,7 @@ def floor_tuned_extract(net, paths, device, batch_size) -> np.ndarray:
     out = []
     with torch.no_grad():
         for _, x in loader:
-            x = x.to(device)
-            x = stem_max_pool(net.maxpool, net.relu(net.bn1(net.conv1(x))))
-            F = net.layer4(net.layer3(net.layer2(net.layer1(x)))).flatten(2)
+            F = net.layer4[2](net.layer4[1](trunk_to_layer4_0(net, x.to(device)))).flatten(2)
             out.append(torch.cat([F.mean(2), F.amax(2)], 1).cpu())
     return torch.cat(out).numpy()
 

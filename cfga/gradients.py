@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as Fn
 from torch import nn
+from torchvision.models import resnet
 
 from .aggregation import aggregate_response
 from .features import CFGA_LAYERS
@@ -66,7 +67,7 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
     a time: X [B, C_in, h, w], dY [B, C_out, h', w'] → B tensors [C_out, C_in] (fresh, float32).
 
     Equals ``cfga.aggregation.kernel_response(per_sample_weight_grad(X, dY, conv))[n]`` up to
-    float rounding (1×1: bit-identical), without materialising the gradient:
+    float rounding (1×1: bit-identical with MKL), without materialising the gradient:
 
     * 1×1: r = |dY_n @ X_nᵀ|.
     * k×k: r = range + unbiased std over the k² taps. Both are shift-invariant per kernel, so they
@@ -77,15 +78,20 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
       Centring the inputs first is also the more accurate order: X ≥ 0 (a ReLU output), so the
       raw taps share a large common part that the reference's G − mean cancels in float32.
       A constant kernel (range exactly 0) gets std exactly 0, as torch.std gives.
+
+    Both products run over the output positions where dY_n is non-zero only (``live_positions``).
     """
     _require_ungrouped(conv)
     B, C_out = dY.shape[:2]
     C_in = X.shape[1]
     dYf = dY.reshape(B, C_out, -1)
-    if _is_pointwise(conv):
+    pointwise = _is_pointwise(conv)
+    live = live_positions(dYf, SKIP_ZERO_POSITIONS_BELOW["1x1" if pointwise else "kxk"])
+    if pointwise:
         Xf = X.reshape(B, C_in, -1)
         for n in range(B):
-            yield torch.mm(dYf[n], Xf[n].T).abs_()
+            d, x = _at(dYf[n], live[n]), _at(Xf[n], live[n])
+            yield torch.mm(d, x.T).abs_()
         return
     k2 = conv.kernel_size[0] * conv.kernel_size[1]
     cols = centred_tap_columns(X, conv)
@@ -93,11 +99,33 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
         # The transposed product, cols_n @ dY_nᵀ → [k², C_in, C_out]: MKL runs it ~20 % faster than
         # dY_n @ cols_nᵀ at this shape (inner dimension h'·w' ≈ 88), and the tap reductions
         # become elementwise passes over k² contiguous [C_in, C_out] planes.
-        Gt = torch.mm(cols[n], dYf[n].T).view(k2, C_in, C_out)
+        Gt = torch.mm(_at(cols[n], live[n]), _at(dYf[n], live[n]).T).view(k2, C_in, C_out)
         rT = torch.empty(C_in, C_out, dtype=dY.dtype, device=dY.device)
         # Back to [C_out, C_in] in memory too: the aggregation's reductions over a transposed view
         # cost more than this 1 MB copy.
         yield _centred_tap_response(Gt, out=rT, dim=0).T.contiguous()
+
+
+# Positions where an image's dY is exactly zero add only ±0 to its weight gradient: outside the
+# SCDA mask for layer4.2's conv2/conv3 (about half of the map on real images), outside its 3×3
+# dilation upstream. Skipping them shortens the products' inner dimension at the price of a
+# gathering copy, which pays (measured, 2-core CPU) for k×k convs whenever one position can go
+# and for 1×1 convs from about 40 % zero positions on.
+SKIP_ZERO_POSITIONS_BELOW = {"1x1": 0.6, "kxk": 1.0}
+
+
+def live_positions(dYf: torch.Tensor, below: float) -> list[torch.Tensor | None]:
+    """For each image of dYf [B, C_out, P]: the indices [P'] of the positions p where some channel
+    of dY is non-zero (NaN counts as non-zero), or None (use every position) unless P' < below·P."""
+    live = (dYf != 0).any(dim=1)  # [B, P]
+    counts = live.sum(dim=1).tolist()
+    P = dYf.shape[-1]
+    return [live[n].nonzero().view(-1) if c < below * P else None for n, c in enumerate(counts)]
+
+
+def _at(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Columns idx of a [rows, P] matrix (a copy), or the matrix itself when idx is None."""
+    return t if idx is None else t.index_select(1, idx)
 
 
 def _centred_tap_response(Gc: torch.Tensor, out: torch.Tensor, dim: int = -2) -> torch.Tensor:
@@ -203,10 +231,62 @@ def stem_max_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def trunk_to_layer4_0(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Forward of a torchvision ResNet up to the output of ``layer4.0``: [B, 3, H, W] → [B, C, h, w]."""
-    x = stem_max_pool(net.maxpool, net.relu(net.bn1(net.conv1(x))))
-    x = net.layer3(net.layer2(net.layer1(x)))
-    return net.layer4[0](x)
+    """Forward of a torchvision ResNet up to the output of ``layer4.0``: [B, 3, H, W] → [B, C, h, w].
+
+    Without autograd on the CPU, eval-mode batch norms write over their conv's output
+    (``_bn_``, bit-identical to the modules) instead of filling a fresh tensor: one memory pass
+    and one large allocation less for each of the trunk's 50-odd batch norms.
+    """
+    blocks = [*net.layer1, *net.layer2, *net.layer3, net.layer4[0]]
+    if not (_can_norm_in_place(x, [net.bn1]) and type(net.relu) is nn.ReLU
+            and all(_plain_block(b) and _can_norm_in_place(x, _block_norms(b)) for b in blocks)):
+        x = stem_max_pool(net.maxpool, net.relu(net.bn1(net.conv1(x))))
+        x = net.layer3(net.layer2(net.layer1(x)))
+        return net.layer4[0](x)
+    x = stem_max_pool(net.maxpool, _bn_(net.bn1, net.conv1(x)).relu_())
+    for b in blocks:
+        x = _block_in_place(b, x)
+    return x
+
+
+_PLAIN_BLOCKS = (resnet.Bottleneck, resnet.BasicBlock)
+
+
+def _plain_block(b: nn.Module) -> bool:
+    """A torchvision Bottleneck/BasicBlock as torchvision builds it (no subclass, no other module)."""
+    return (type(b) in _PLAIN_BLOCKS and type(b.relu) is nn.ReLU
+            and (b.downsample is None or (type(b.downsample) is nn.Sequential and len(b.downsample) == 2
+                                          and type(b.downsample[0]) is nn.Conv2d)))
+
+
+def _block_norms(b: nn.Module) -> list[nn.Module]:
+    names = ("bn1", "bn2", "bn3") if type(b) is resnet.Bottleneck else ("bn1", "bn2")
+    return [getattr(b, n) for n in names] + ([] if b.downsample is None else [b.downsample[1]])
+
+
+def _can_norm_in_place(x: torch.Tensor, norms: list[nn.Module]) -> bool:
+    return (x.device.type == "cpu" and not torch.is_grad_enabled()
+            and all(type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None
+                    for bn in norms))
+
+
+def _bn_(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)`` of an eval-mode BatchNorm2d, written over x (CPU, no autograd): the same kernel as
+    the module's, so the same bits."""
+    empty = x.new_empty(0)
+    torch.ops.aten.native_batch_norm.out(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False, 0.0,
+                                         bn.eps, out=x, save_mean=empty, save_invstd=empty.clone())
+    return x
+
+
+def _block_in_place(b: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``b(x)`` for a ``_plain_block``, with its batch norms in place (x itself is not modified)."""
+    out = _bn_(b.bn1, b.conv1(x)).relu_()
+    out = _bn_(b.bn2, b.conv2(out))
+    if type(b) is resnet.Bottleneck:
+        out = _bn_(b.bn3, b.conv3(out.relu_()))
+    identity = x if b.downsample is None else _bn_(b.downsample[1], b.downsample[0](x))
+    return out.add_(identity).relu_()
 
 
 def cfga_scalar(F: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
+import torchvision
 
 from cfga.aggregation import aggregate_response, grad_to_vector, kernel_response
 from cfga.features import FEATURES, PROTOCOL_FEATURES, TABLE5_COLUMNS, features_for
 from cfga import gradients as gradients_mod
-from cfga.gradients import (centred_tap_columns, cfga_scalar, cfga_vectors, kernel_responses, per_sample_weight_grad,
-                            stem_max_pool)
+from cfga.gradients import (centred_tap_columns, cfga_scalar, cfga_vectors, kernel_responses, live_positions,
+                            per_sample_weight_grad, stem_max_pool, trunk_to_layer4_0)
 from cfga.scda import l2_normalize, largest_component, pooling_feature, scda_features, scda_mask
 
 
@@ -217,6 +218,91 @@ def test_batched_path_matches_the_per_image_path(k, pad, monkeypatch):
     v = cfga_vectors(X, dY, conv, batched=True)
     assert torch.isnan(v[1]).all()
     torch.testing.assert_close(v[[0, 2]], per_image[[0, 2]], rtol=0, atol=1e-6)
+
+
+def test_live_positions_keep_every_position_with_a_nonzero_or_nan_gradient():
+    dYf = torch.zeros(3, 2, 5)
+    dYf[0, 1, [1, 3]] = 1.0
+    dYf[1, 0, 2] = float("nan")
+    dYf[2] = 1.0
+    live = live_positions(dYf, below=1.0)
+    assert live[0].tolist() == [1, 3] and live[1].tolist() == [2]
+    assert live[2] is None  # nothing to skip: the product runs on the matrices themselves
+    assert live_positions(dYf, below=0.3)[0] is None  # 2 of 5 live: not below 30 %, not worth a copy
+
+
+@pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
+def test_skipping_zero_gradient_positions_changes_nothing(k, pad, monkeypatch):
+    """Positions where dY_n is exactly zero (outside the SCDA mask) are left out of image n's
+    product; the responses are those of the full product (bit-identical with this machine's MKL;
+    the tolerance allows another BLAS to order its sums differently). An all-zero image → zeros."""
+    conv, X, dY = _conv_case(k, pad, c_in=16, c_out=12)
+    dY[0, :, :, :3] = 0.0  # image 0: 15 of 35 positions live
+    dY[1, :, 2:, :] = 0.0  # image 1: 14 of 35 live
+    dY[1, 3, 4, 6] = -0.0  # a negative zero is a zero
+    dY[2] = 0.0
+    monkeypatch.setattr(gradients_mod, "SKIP_ZERO_POSITIONS_BELOW", {"1x1": 0.0, "kxk": 0.0})
+    dense = torch.stack(list(kernel_responses(X, dY, conv)))
+    monkeypatch.setattr(gradients_mod, "SKIP_ZERO_POSITIONS_BELOW", {"1x1": 1.0, "kxk": 1.0})
+    calls = []
+    real = gradients_mod._at
+    monkeypatch.setattr(gradients_mod, "_at", lambda t, idx: calls.append(idx is not None) or real(t, idx))
+    skipped = torch.stack(list(kernel_responses(X, dY, conv)))
+    assert sum(calls) == 6  # images 0-2, two operands each, all gathered
+    torch.testing.assert_close(skipped, dense, rtol=1e-6, atol=0)
+    assert not skipped[2].any() and not cfga_vectors(X, dY, conv)[2].any()
+    ref = kernel_response(per_sample_weight_grad(X, dY, conv))
+    torch.testing.assert_close(skipped, ref, rtol=2e-6, atol=1e-6)
+
+
+def _resnet_with_trained_looking_norms(arch):
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return net.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
+def test_trunk_with_in_place_norms_is_bit_identical_to_the_modules(arch):
+    net = _resnet_with_trained_looking_norms(arch)
+    x = torch.randn(2, 3, 48, 64)
+    x0 = x.clone()
+    with torch.no_grad():
+        ref = net.layer4[0](net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+        got = trunk_to_layer4_0(net, x)
+    assert got.numpy().tobytes() == ref.numpy().tobytes()
+    assert torch.equal(x, x0)  # the input is never written over
+
+
+def test_trunk_falls_back_to_the_modules_where_in_place_norms_would_be_wrong(monkeypatch):
+    """Autograd on, a training-mode norm, or a block torchvision did not build: the modules run."""
+    net = _resnet_with_trained_looking_norms("resnet50")
+    x = torch.randn(1, 3, 48, 64)
+    calls = []
+    monkeypatch.setattr(gradients_mod, "_bn_", lambda *a: calls.append(1) or a[1])
+    with torch.no_grad():
+        trunk_to_layer4_0(net, x)
+    assert calls  # the in-place path was taken
+    calls.clear()
+    with torch.enable_grad():
+        trunk_to_layer4_0(net, x)
+    net.layer2[1].bn2.train()
+    with torch.no_grad():
+        trunk_to_layer4_0(net, x)
+    net.layer2[1].bn2.eval()
+
+    class Custom(torchvision.models.resnet.Bottleneck):
+        pass
+
+    net.layer3[0].__class__ = Custom
+    with torch.no_grad():
+        trunk_to_layer4_0(net, x)
+    assert not calls
 
 
 def test_aggregate_response_propagates_nan():
