@@ -28,7 +28,8 @@ def kernel_response(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     return (mx + mn.neg()).add_(std)  # max g + max(−g) + std, in that order; max(−g) == −min g
 
 
-def aggregate_response(r: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+def aggregate_response(r: torch.Tensor, *, inplace: bool = False, scratch: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Selected mean over output channels: r [..., C_out, C_in] → v [..., C_in] (SPEC §5.2).
 
     keep = r > mean over C_out (column) AND r > mean over C_in (row), both strict; v averages
@@ -38,12 +39,16 @@ def aggregate_response(r: torch.Tensor, *, inplace: bool = False) -> torch.Tenso
     Both strict tests are one test against the larger mean, done as float multiply-adds (a float
     0/1 keep times r, the reference's own ``r * keep``): bool masks and ``masked_fill`` cost ~5x
     more on CPU. A NaN in r propagates (0·NaN = NaN) instead of vanishing.
+
+    ``scratch`` (r's shape) and ``out`` (v's shape) let a caller looping over images reuse the
+    same memory for every image; the values are the same.
     """
     colmean = r.mean(dim=-2, keepdim=True)
     rowmean = r.mean(dim=-1, keepdim=True)
-    keep = torch.maximum(colmean, rowmean)  # full-size scratch; becomes the 0/1 keep in place
+    # The full-size threshold becomes the 0/1 keep in place.
+    keep = torch.maximum(colmean, rowmean, out=scratch) if scratch is not None else torch.maximum(colmean, rowmean)
     torch.gt(r, keep, out=keep)
-    return keep.mul_(r).mean(dim=-2)
+    return torch.mean(keep.mul_(r), dim=-2, out=out) if out is not None else keep.mul_(r).mean(dim=-2)
 
 
 def grad_to_vector(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:

@@ -62,9 +62,11 @@ def per_sample_weight_grad(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -
     return G.transpose(2, 3).unflatten(3, (kh, kw))  # a [B, C_out, C_in, kh, kw] view
 
 
-def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iterator[torch.Tensor]:
+def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *,
+                     out: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Per-kernel response r (SPEC §5.1) of each image's weight gradient of ``conv``, one image at
-    a time: X [B, C_in, h, w], dY [B, C_out, h', w'] → B tensors [C_out, C_in] (fresh, float32).
+    a time: X [B, C_in, h, w], dY [B, C_out, h', w'] → B tensors [C_out, C_in] (float32): fresh
+    ones, or ``out`` itself, written over for each image (consume each before the next).
 
     Equals ``cfga.aggregation.kernel_response(per_sample_weight_grad(X, dY, conv))[n]`` up to
     float rounding (1×1: bit-identical with MKL), without materialising the gradient:
@@ -91,19 +93,21 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -> Iter
         Xf = X.reshape(B, C_in, -1)
         for n in range(B):
             d, x = _at(dYf[n], live[n]), _at(Xf[n], live[n])
-            yield torch.mm(d, x.T).abs_()
+            yield (torch.mm(d, x.T) if out is None else torch.mm(d, x.T, out=out)).abs_()
         return
     k2 = conv.kernel_size[0] * conv.kernel_size[1]
     cols = centred_tap_columns(X, conv)
+    Gt = torch.empty(k2 * C_in, C_out, dtype=dY.dtype, device=dY.device)  # reused for every image
+    rT = torch.empty(C_in, C_out, dtype=dY.dtype, device=dY.device)
     for n in range(B):
         # The transposed product, cols_n @ dY_nᵀ → [k², C_in, C_out]: MKL runs it ~20 % faster than
         # dY_n @ cols_nᵀ at this shape (inner dimension h'·w' ≈ 88), and the tap reductions
         # become elementwise passes over k² contiguous [C_in, C_out] planes.
-        Gt = torch.mm(_at(cols[n], live[n]), _at(dYf[n], live[n]).T).view(k2, C_in, C_out)
-        rT = torch.empty(C_in, C_out, dtype=dY.dtype, device=dY.device)
+        torch.mm(_at(cols[n], live[n]), _at(dYf[n], live[n]).T, out=Gt)
+        _centred_tap_response(Gt.view(k2, C_in, C_out), out=rT, dim=0)
         # Back to [C_out, C_in] in memory too: the aggregation's reductions over a transposed view
         # cost more than this 1 MB copy.
-        yield _centred_tap_response(Gt, out=rT, dim=0).T.contiguous()
+        yield rT.T.contiguous() if out is None else out.copy_(rT.T)
 
 
 # Positions where an image's dY is exactly zero add only ±0 to its weight gradient: outside the
@@ -213,7 +217,13 @@ def cfga_vectors(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *, batched:
     if batched:
         v = aggregate_response(batched_kernel_responses(X, dY, conv))
     else:
-        v = torch.stack([aggregate_response(r) for r in kernel_responses(X, dY, conv)])
+        # One r and one scratch for all images: a working set the caches keep (same values).
+        B, C_out, C_in = X.shape[0], dY.shape[1], X.shape[1]
+        v = torch.empty(B, C_in, dtype=dY.dtype, device=dY.device)
+        r = torch.empty(C_out, C_in, dtype=dY.dtype, device=dY.device)
+        scratch = torch.empty_like(r)
+        for n, r_n in enumerate(kernel_responses(X, dY, conv, out=r)):
+            aggregate_response(r_n, scratch=scratch, out=v[n])
     return l2_normalize(v)
 
 

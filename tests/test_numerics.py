@@ -255,6 +255,19 @@ def test_skipping_zero_gradient_positions_changes_nothing(k, pad, monkeypatch):
     torch.testing.assert_close(skipped, ref, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
+def test_cfga_vectors_reusing_one_buffer_equal_fresh_responses(k, pad):
+    """cfga_vectors writes every image's r over one buffer (kernel_responses(out=...)) and
+    aggregates into preallocated rows: the same bits as fresh tensors image by image."""
+    conv, X, dY = _conv_case(k, pad, c_in=16, c_out=12)
+    dY[1, :, :, :2] = 0.0  # one image through the live-position path as well
+    fresh = torch.stack([aggregate_response(r) for r in kernel_responses(X, dY, conv)])
+    assert torch.equal(cfga_vectors(X, dY, conv), l2_normalize(fresh))
+    buf = torch.empty(12, 16)
+    seen = [r.data_ptr() for r in kernel_responses(X, dY, conv, out=buf)]
+    assert seen == [buf.data_ptr()] * 3
+
+
 def _resnet_with_trained_looking_norms(arch):
     torch.manual_seed(0)
     net = getattr(torchvision.models, arch)()
