@@ -46,9 +46,9 @@ def aggregate_response(r: torch.Tensor, *, inplace: bool = False, scratch: torch
     colmean = r.mean(dim=-2, keepdim=True)
     rowmean = r.mean(dim=-1, keepdim=True)
     # The full-size threshold becomes the 0/1 keep in place.
-    keep = torch.maximum(colmean, rowmean, out=scratch) if scratch is not None else torch.maximum(colmean, rowmean)
+    keep = torch.maximum(colmean, rowmean, out=scratch)
     torch.gt(r, keep, out=keep)
-    return torch.mean(keep.mul_(r), dim=-2, out=out) if out is not None else keep.mul_(r).mean(dim=-2)
+    return torch.mean(keep.mul_(r), dim=-2, out=out)
 
 
 def grad_to_vector(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:

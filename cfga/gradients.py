@@ -93,7 +93,7 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *,
         Xf = X.reshape(B, C_in, -1)
         for n in range(B):
             d, x = _at(dYf[n], live[n]), _at(Xf[n], live[n])
-            yield (torch.mm(d, x.T) if out is None else torch.mm(d, x.T, out=out)).abs_()
+            yield torch.mm(d, x.T, out=out).abs_()
         return
     k2 = conv.kernel_size[0] * conv.kernel_size[1]
     cols = centred_tap_columns(X, conv)
