@@ -13,7 +13,7 @@ over --repeats:
   (b) floor: decode + resize + forward + pooling only, batched like (c), no autograd; a plain
       loop (serial decoding, the model's own modules);
   (b') floor, tuned: (b) with the generic speed-ups that cfga.extract_features also uses and
-      that any forward could use — cfga's trunk up to layer4.0 (cfga.gradients.trunk_to_layer4_0:
+      that any forward could use — cfga's trunk up to layer4.0 (cfga.backbones.resnet.trunk_to_layer4_0:
       the bit-exact channels-last stem max-pool, batch norms written in place) and cfga's
       in-process JPEG loader (decoding in threads: ahead of the model where torch leaves a core
       idle, else each batch on every core) — so (c)/(b') is what CFGA itself costs over an
@@ -39,13 +39,18 @@ import torchvision
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cfga import extract_features  # noqa: E402
-from cfga.extract import decode_ahead_wanted, default_batch_size, in_process_batches, size_buckets  # noqa: E402
-from cfga.gradients import trunk_to_layer4_0  # noqa: E402
-from cfga.features import CFGA_LAYERS, cfga_name, features_for  # noqa: E402
-from cfga.preprocess import output_size, peek_size, preprocess  # noqa: E402
-from cfga.protocols import get_protocol  # noqa: E402
-from cfga.scda import largest_component  # noqa: E402
+from cfga import extract_features
+from cfga.backbones.resnet import trunk_to_layer4_0
+from cfga.extraction.loaders import (
+    decode_ahead_wanted,
+    in_process_batches,
+    size_buckets,
+)
+from cfga.extraction.pipeline import default_batch_size
+from cfga.extraction.preprocess import output_size, peek_size, preprocess
+from cfga.numerics.mask import largest_component
+from cfga.registry.features import CFGA_LAYERS, cfga_name, features_for
+from cfga.registry.protocols import get_protocol
 
 
 def make_images(root: Path, n: int, h: int, w: int, seed: int = 0) -> list[Path]:

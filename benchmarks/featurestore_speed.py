@@ -1,8 +1,8 @@
 """Load time of one model's feature file at the size of the CUB test split.
 
 Writes a ``scda``-protocol feature file (all 10 features, float32, 5,924 rows by default: the
-CUB-200-2011 test split) with :func:`cfga.featurestore.save_features`, then times
-:func:`cfga.featurestore.load_features` (median of ``--repeats``):
+CUB-200-2011 test split) with :func:`cfga.extraction.store.save_features`, then times
+:func:`cfga.extraction.store.load_features` (median of ``--repeats``):
 
 * warm: the file in the page cache (the usual case right after extraction);
 * cold: the file's pages dropped first with ``posix_fadvise(DONTNEED)`` (works without root;
@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cfga.features import PROTOCOL_FEATURES, feature_dim  # noqa: E402
-from cfga.featurestore import load_features, save_features  # noqa: E402
+from cfga.extraction.store import load_features, save_features
+from cfga.registry.features import PROTOCOL_FEATURES, feature_dim
 
 
 def _drop_cache(path: str) -> None:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cfga.metrics import retrieval_metrics  # noqa: E402
+from cfga.numerics.metrics import retrieval_metrics
 
 
 def _maxrss_bytes() -> int:

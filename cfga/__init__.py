@@ -6,13 +6,13 @@ __all__ = ["load_model", "extract_features", "__version__"]
 
 
 def __getattr__(name):
-    # Lazy: `import cfga.metrics` (one process per table cell) must not pay for torchvision.
+    # Lazy: `import cfga.numerics.metrics` (one process per table cell) must not pay for torchvision.
     if name == "load_model":
-        from .models import load_model
+        from cfga.checkpoints.load import load_model
 
         return load_model
     if name == "extract_features":
-        from .extract import extract_features
+        from cfga.extraction.pipeline import extract_features
 
         return extract_features
     raise AttributeError(f"module 'cfga' has no attribute {name!r}")

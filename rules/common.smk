@@ -1,5 +1,5 @@
 # Config validation and target lists. Everything the rules need to know about datasets,
-# models and features comes from here (features from cfga.features).
+# models and features comes from here (features from cfga.registry.features).
 
 import os
 import re
@@ -7,7 +7,7 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from cfga.features import FEATURES, features_for
+from cfga.registry.features import FEATURES, features_for
 
 validate(config, "../schemas/config.schema.yaml")
 config.setdefault("extraction", {})

@@ -3,7 +3,7 @@
 # extraction_shards = 1 (default): one job, `extract_features`. N > 1 (config `extraction_shards`,
 # or `datasets.<name>.extraction_shards`): N jobs `extract_features_shard` (temporary shard files
 # results/features/{dataset}/shards/{model}.{i}-of-{N}.npz), joined by `gather_features` into the
-# same results/features/{dataset}/{model}.npz, byte for byte (cfga.featurestore.shard_plan).
+# same results/features/{dataset}/{model}.npz, byte for byte (cfga.extraction.store.shard_plan).
 #
 # Rerun triggers besides Snakemake's defaults (input mtime, params, the script's mtime): the
 # params `code` = a fingerprint of the cfga code the features depend on (code_digest), so an edit
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import cfga as _cfga
-from cfga.features import CFGA_LAYERS, PROTOCOL_FEATURES, feature_dim
+from cfga.registry.features import CFGA_LAYERS, PROTOCOL_FEATURES, feature_dim
 
 # The package the workflow imported (beside the Snakefile, else the installed one).
 CFGA_DIR = Path(_cfga.__file__).resolve().parent
@@ -55,8 +55,10 @@ def code_digest(modules, extra=None):
 # Not included: cfga/datasets.py (the manifest itself is an input), _malloc.py (memory only),
 # __init__.py (version string).
 EXTRACTION_CODE = (
-    "extract.py", "gradients.py", "aggregation.py", "scda.py", "preprocess.py", "protocols.py",
-    "models.py", "checkpoints.py", "featurestore.py", "io.py",
+    "extraction/pipeline.py", "extraction/loaders.py", "extraction/preprocess.py", "extraction/store.py",
+    "numerics/gradients.py", "numerics/aggregation.py", "numerics/mask.py", "numerics/pooling.py",
+    "numerics/scalar.py", "registry/protocols.py", "backbones/resnet.py", "backbones/heads.py",
+    "checkpoints/formats.py", "checkpoints/load.py", "files.py", "runtime.py",
 )
 EXTRACTION_DIGEST = code_digest(
     EXTRACTION_CODE,

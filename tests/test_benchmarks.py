@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cfga.extract import usable_cores
+from cfga.runtime import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from cfga.tables import FAMILIES, model_family, load_published
+from cfga.outputs.tables import FAMILIES, load_published, model_family
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "schemas" / "config.schema.yaml")

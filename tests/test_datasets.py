@@ -9,11 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from cfga.data import synthetic
 from PIL import Image
 
-from cfga import datasets, synthetic
-from cfga.datasets import DatasetError, ManifestRow
-from cfga.io import md5_file
+from cfga.data.archives import DatasetError, extract_images
+from cfga.data.formats import (
+    CUB_PREFIX,
+    ingest_dataset,
+    read_cars_manifest,
+    read_cub_manifest,
+    split_for_class,
+)
+from cfga.data.manifest import ManifestRow, read_manifest, write_manifest
+from cfga.files import md5_file
 
 C, N = 4, 3  # synthetic classes, images per class (small: these tests are about formats)
 
@@ -51,8 +59,8 @@ def _assert_nothing_left(out: Path) -> None:
 
 def test_cub_round_trip(cub_cfg, tmp_path):
     out = tmp_path / "out"
-    rows = datasets.ingest_dataset(cub_cfg, out / "manifest.csv", out / "CUB_200_2011")
-    assert rows == datasets.read_manifest(out / "manifest.csv")
+    rows = ingest_dataset(cub_cfg, out / "manifest.csv", out / "CUB_200_2011")
+    assert rows == read_manifest(out / "manifest.csv")
     assert len(rows) == C * N
     names = synthetic.cub_class_names(synthetic.class_params(C, 5))
     assert [r.label for r in rows] == [c for c in range(C) for _ in range(N)]
@@ -74,8 +82,8 @@ def test_cub_round_trip(cub_cfg, tmp_path):
 
 def test_cars_round_trip(cars_cfg, tmp_path):
     out = tmp_path / "out"
-    rows = datasets.ingest_dataset(cars_cfg, out / "manifest.csv", out / "cars")
-    assert rows == datasets.read_manifest(out / "manifest.csv")
+    rows = ingest_dataset(cars_cfg, out / "manifest.csv", out / "cars")
+    assert rows == read_manifest(out / "manifest.csv")
     names = synthetic.cars_class_names(synthetic.class_params(C, 5))
     assert [r.path for r in rows] == [f"car_ims/{i:06d}.jpg" for i in range(1, C * N + 1)]
     assert [r.label for r in rows] == [c for c in range(C) for _ in range(N)]
@@ -89,29 +97,29 @@ def test_ingest_with_md5_and_rerun_replaces(cub_cfg, cars_cfg, tmp_path):
     out = tmp_path / "out"
     (out / "root").mkdir(parents=True)
     (out / "root" / "stale.txt").write_text("old")
-    datasets.ingest_dataset(cfg, out / "m.csv", out / "root")
+    ingest_dataset(cfg, out / "m.csv", out / "root")
     assert not (out / "root" / "stale.txt").exists()
     assert sorted(p.name for p in out.iterdir()) == ["m.csv", "root"]  # no temp dirs left
     ccfg = dict(cars_cfg, md5={"images_archive": md5_file(cars_cfg["images_archive"]),
                                "annotations": md5_file(cars_cfg["annotations"])})
-    assert len(datasets.ingest_dataset(ccfg, out / "c.csv", out / "cars")) == C * N
+    assert len(ingest_dataset(ccfg, out / "c.csv", out / "cars")) == C * N
 
 
 def test_manifest_csv_format(tmp_path):
     rows = [ManifestRow("train", 0, "001.A_b", "images/001.A_b/x.jpg"),
             ManifestRow("test", 195, "Ram C/V Cargo Van, Minivan 2012", "car_ims/016185.jpg")]
-    datasets.write_manifest(rows, tmp_path / "m.csv")
+    write_manifest(rows, tmp_path / "m.csv")
     text = (tmp_path / "m.csv").read_text()
     assert text.splitlines()[0] == "split,label,class_name,path"
-    assert datasets.read_manifest(tmp_path / "m.csv") == rows
+    assert read_manifest(tmp_path / "m.csv") == rows
     (tmp_path / "bad.csv").write_text("split,label,path\ntrain,0,x\n")
     with pytest.raises(DatasetError, match="bad.csv"):
-        datasets.read_manifest(tmp_path / "bad.csv")
+        read_manifest(tmp_path / "bad.csv")
 
 
 def test_split_rule():
-    assert datasets.split_for_class(100, 200) == "train" and datasets.split_for_class(101, 200) == "test"
-    assert datasets.split_for_class(98, 196) == "train" and datasets.split_for_class(99, 196) == "test"
+    assert split_for_class(100, 200) == "train" and split_for_class(101, 200) == "test"
+    assert split_for_class(98, 196) == "train" and split_for_class(99, 196) == "test"
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,14 +138,14 @@ def test_full_scale_cub(tmp_path):
     arc = tmp_path / "CUB_200_2011.tgz"
     synthetic.write_cub_tgz(arc, names, counts, _const_factory())
     t = time.perf_counter()
-    rows = datasets.read_cub_manifest(arc)
+    rows = read_cub_manifest(arc)
     train = [r for r in rows if r.split == "train"]
     test = [r for r in rows if r.split == "test"]
     assert (len(train), len(test)) == (5864, 5924)
     assert rows[:5864] == train  # id <= 5864 is train, as in the authors' files.py
     assert {r.label for r in train} == set(range(100)) and {r.label for r in test} == set(range(100, 200))
     assert test[0].class_name == "101.Species_101"
-    datasets.extract_images(arc, rows, tmp_path / "root", datasets.CUB_PREFIX)
+    extract_images(arc, rows, tmp_path / "root", CUB_PREFIX)
     assert all((tmp_path / "root" / r.path).is_file() for r in rows[::97])
     assert time.perf_counter() - t < 30
 
@@ -149,7 +157,7 @@ def test_full_scale_cars(tmp_path):
     names = [f"Make{i} Model Sedan {2000 + i % 13}" for i in range(1, 197)]
     images, annos = tmp_path / "car_ims.tgz", tmp_path / "cars_annos.mat"
     synthetic.write_cars_files(images, annos, names, counts, _const_factory())
-    rows = datasets.read_cars_manifest(images, annos)
+    rows = read_cars_manifest(images, annos)
     train = [r for r in rows if r.split == "train"]
     test = [r for r in rows if r.split == "test"]
     assert (len(train), len(test)) == (8054, 8131)
@@ -185,7 +193,7 @@ def _cub_member(archive, name) -> str:
 def _expect_fail(cfg, tmp_path, *must_contain):
     out = tmp_path / "out"
     with pytest.raises(DatasetError) as ei:
-        datasets.ingest_dataset(cfg, out / "manifest.csv", out / "root")
+        ingest_dataset(cfg, out / "manifest.csv", out / "root")
     msg = str(ei.value)
     for s in must_contain:
         assert str(s) in msg, msg
@@ -239,13 +247,13 @@ def test_missing_cub_metadata(cub_cfg, tmp_path, member):
 
 
 def test_truncated_during_extraction(cub_cfg, tmp_path):
-    rows = datasets.read_cub_manifest(cub_cfg["archive"])
+    rows = read_cub_manifest(cub_cfg["archive"])
     data = Path(cub_cfg["archive"]).read_bytes()
     bad = tmp_path / "CUB_200_2011.tgz"
     bad.write_bytes(data[: int(len(data) * 0.7)])
     out = tmp_path / "out"
     with pytest.raises(DatasetError, match="re-download"):
-        datasets.extract_images(bad, rows, out / "root", datasets.CUB_PREFIX)
+        extract_images(bad, rows, out / "root", CUB_PREFIX)
     _assert_nothing_left(out)
 
 
@@ -281,11 +289,11 @@ def test_extract_ignores_hostile_members(tmp_path):
             ti.size = 3
             tf.addfile(ti, io.BytesIO(b"abc"))
     rows = [ManifestRow("test", 0, "a", "car_ims/000001.jpg")]
-    datasets.extract_images(arc, rows, tmp_path / "d" / "root", "")
+    extract_images(arc, rows, tmp_path / "d" / "root", "")
     assert (tmp_path / "d" / "root" / "car_ims" / "000001.jpg").read_bytes() == b"abc"
     assert not (tmp_path / "d" / "evil.jpg").exists() and not (tmp_path / "evil.jpg").exists()
     with pytest.raises(DatasetError, match="unsafe"):
-        datasets.extract_images(arc, [ManifestRow("test", 0, "a", "../evil.jpg")], tmp_path / "e", "")
+        extract_images(arc, [ManifestRow("test", 0, "a", "../evil.jpg")], tmp_path / "e", "")
     assert not (tmp_path / "e").exists()
 
 

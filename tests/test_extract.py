@@ -5,8 +5,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from cfga import extract_features, load_model
-from cfga.features import FEATURES, features_for
-from tests.reference.spec_reference import build_dml_model, jitter_bn, reference_features
+from cfga.registry.features import FEATURES, features_for
+from tests.reference.spec_reference import (
+    build_dml_model,
+    jitter_bn,
+    reference_features,
+)
 
 MIN_COSINE = 0.9999
 
@@ -90,12 +94,13 @@ def test_gpu_batched_cfga_path_matches_reference_on_cpu(images, checkpoint, monk
     the CPU so CI covers it: every feature still matches the SPEC reference."""
     import functools
 
-    import cfga.gradients as gradients_mod
+    import cfga.backbones.resnet as resnet_mod
+    import cfga.numerics.gradients as gradients_mod
 
     calls = []
     real = gradients_mod.batched_kernel_responses
     monkeypatch.setattr(gradients_mod, "batched_kernel_responses", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(gradients_mod, "cfga_vectors", functools.partial(gradients_mod.cfga_vectors, batched=True))
+    monkeypatch.setattr(resnet_mod, "cfga_vectors", functools.partial(gradients_mod.cfga_vectors, batched=True))
     model = load_model("resnet50", "scda", checkpoint, device="cpu")
     feats = extract_features(model, images, "scda", batch_size=4)
     assert calls
@@ -154,7 +159,7 @@ def test_empty_mask_without_lcc_falls_back_to_whole_map(images, caplog):
     """SPEC S6: a ≤ 32 px image gives a 1×1 map; the authors crash without LCC, we use the whole map."""
     model = build_dml_model("resnet50", seed=7, protocol="dgpcrl")
     tiny = [p for p, (h, w, _) in zip(images, SIZES) if min(h, w) <= 32]
-    with caplog.at_level("WARNING", logger="cfga.extract"):
+    with caplog.at_level("WARNING", logger="cfga.extraction.pipeline"):
         feats = extract_features(model, tiny, "dgpcrl")
     assert "empty SCDA mask" in caplog.text
     # whole-map mask: SCDA equals Pooling's [avg; max] on the 1×1 map
@@ -181,7 +186,7 @@ def test_rows_do_not_depend_on_batch_composition(images, checkpoint):
 def test_in_process_loaders_equal_the_dataloader_path(images, checkpoint, monkeypatch):
     """Decoding ahead (background thread), in parallel (each batch on every core) and the
     DataLoader (a worker process) give the same bytes."""
-    import cfga.extract as extract_mod
+    import cfga.extraction.loaders as extract_mod
 
     model = load_model("resnet50", "scda", checkpoint, device="cpu")
     subset = images[:5]
@@ -202,7 +207,7 @@ def test_in_process_loaders_equal_the_dataloader_path(images, checkpoint, monkey
 def test_decode_ahead_auto_only_with_a_free_core(monkeypatch):
     """'auto' decodes ahead only when torch's threads leave a core idle (on a saturated CPU the
     decode thread slows the convolutions more than it saves)."""
-    import cfga.extract as extract_mod
+    import cfga.extraction.loaders as extract_mod
 
     threads = torch.get_num_threads()
     monkeypatch.setattr(extract_mod, "usable_cores", lambda: threads)

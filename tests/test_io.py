@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cfga import io
+from cfga import files as io
 
 
 def _arrays():

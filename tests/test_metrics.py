@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfga.metrics import DEFAULT_KS, map_at_r, recall_at_k, retrieval_metrics
+from cfga.numerics.metrics import DEFAULT_KS, map_at_r, recall_at_k, retrieval_metrics
 
 KS = (1, 2, 4, 8, 16, 32)
 
@@ -383,7 +383,7 @@ def test_default_ks():
 def test_canonical_dot_numpy_equals_torch(dtype, d):
     # The CPU (numpy) and device (torch) implementations run the same IEEE operation sequence,
     # so they must agree bit for bit; run the torch one on CPU here.
-    from cfga import metrics as M
+    from cfga.numerics import metrics as M
 
     rng = np.random.default_rng(d)
     x = torch.from_numpy((rng.standard_normal((50, d)) * rng.uniform(0.1, 9, (50, 1))).astype(dtype))
@@ -403,7 +403,7 @@ def test_small_path_equals_blockwise_path_and_skips_torch():
     import subprocess
     import sys
 
-    from cfga.metrics import SMALL_N
+    from cfga.numerics.metrics import SMALL_N
 
     rng = np.random.default_rng(5)
     for X in (rng.integers(0, 2, (300, 12)).astype(np.float32),  # massive ties
@@ -414,7 +414,7 @@ def test_small_path_equals_blockwise_path_and_skips_torch():
         blockwise = retrieval_metrics(X, y, block_size=64)
         assert {k: v for k, v in small.items() if k != "map@r"} == {k: v for k, v in blockwise.items() if k != "map@r"}
         assert small["map@r"] == pytest.approx(blockwise["map@r"], abs=1e-12)
-    code = ("import sys, numpy as np; from cfga.metrics import retrieval_metrics; "
+    code = ("import sys, numpy as np; from cfga.numerics.metrics import retrieval_metrics; "
             "retrieval_metrics(np.eye(4), [0, 0, 1, 1]); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -422,7 +422,7 @@ def test_small_path_equals_blockwise_path_and_skips_torch():
 
 def test_metrics_record_is_deterministic_and_carries_provenance():
     """Two CPU runs give identical metrics; the cell JSON carries the feature file's provenance."""
-    from cfga.cells import metrics_record
+    from cfga.outputs.cells import metrics_record
 
     rng = np.random.default_rng(9)
     X = rng.normal(size=(200, 16)).astype(np.float32)

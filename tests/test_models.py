@@ -5,7 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from cfga.models import CheckpointError, load_model, verify_hub_hash
+from cfga.checkpoints.formats import CheckpointError
+from cfga.checkpoints.load import load_model, verify_hub_hash
 
 
 @pytest.fixture(scope="module")

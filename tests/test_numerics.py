@@ -5,12 +5,30 @@ import torch
 import torch.nn.functional as Fn
 import torchvision
 
-from cfga.aggregation import aggregate_response, grad_to_vector, kernel_response
-from cfga.features import FEATURES, PROTOCOL_FEATURES, TABLE5_COLUMNS, features_for
-from cfga import gradients as gradients_mod
-from cfga.gradients import (centred_tap_columns, cfga_scalar, cfga_vectors, kernel_responses, live_positions,
-                            per_sample_weight_grad, stem_max_pool, trunk_to_layer4_0)
-from cfga.scda import l2_normalize, largest_component, pooling_feature, scda_features, scda_mask
+import cfga.backbones.resnet as resnet_mod
+import cfga.numerics.gradients as gradients_mod
+from cfga.backbones.resnet import stem_max_pool, trunk_to_layer4_0
+from cfga.numerics.aggregation import (
+    aggregate_response,
+    grad_to_vector,
+    kernel_response,
+)
+from cfga.numerics.gradients import (
+    centred_tap_columns,
+    cfga_vectors,
+    kernel_responses,
+    live_positions,
+    per_sample_weight_grad,
+)
+from cfga.numerics.mask import largest_component, scda_mask
+from cfga.numerics.pooling import l2_normalize, pooling_feature, scda_features
+from cfga.numerics.scalar import cfga_scalar
+from cfga.registry.features import (
+    FEATURES,
+    PROTOCOL_FEATURES,
+    TABLE5_COLUMNS,
+    features_for,
+)
 
 
 def test_l2_normalize_zero_stays_zero():
@@ -297,7 +315,7 @@ def test_trunk_falls_back_to_the_modules_where_in_place_norms_would_be_wrong(mon
     net = _resnet_with_trained_looking_norms("resnet50")
     x = torch.randn(1, 3, 48, 64)
     calls = []
-    monkeypatch.setattr(gradients_mod, "_bn_", lambda *a: calls.append(1) or a[1])
+    monkeypatch.setattr(resnet_mod, "_bn_", lambda *a: calls.append(1) or a[1])
     with torch.no_grad():
         trunk_to_layer4_0(net, x)
     assert calls  # the in-place path was taken

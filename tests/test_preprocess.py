@@ -5,9 +5,8 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from cfga.preprocess import (
+from cfga.extraction.preprocess import (
     ImageError,
-    Resize,
     cap_700,
     center_crop_box,
     load_rgb,
@@ -17,6 +16,7 @@ from cfga.preprocess import (
     scda_size,
     torchvision_resize_size,
 )
+from cfga.registry.protocols import Resize
 
 
 @pytest.mark.parametrize(

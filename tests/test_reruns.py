@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cfga.features import features_for
+from cfga.registry.features import features_for
 from tests.test_workflow import REPO, TINY
 
 workflow = pytest.mark.workflow
@@ -343,7 +343,7 @@ def test_killed_run_resumes_without_cleanup(wf, tmp_path):
 
 
 def test_save_npz_is_byte_deterministic(tmp_path):
-    from cfga import io
+    from cfga import files as io
 
     arrays = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "paths": np.asarray(["a", "bb"]),
               "meta_json": np.asarray('{"k": 1}')}
@@ -361,8 +361,8 @@ def test_save_npz_is_byte_deterministic(tmp_path):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_shard_plan_deals_whole_batches(seed):
-    from cfga.extract import size_buckets
-    from cfga.featurestore import shard_plan
+    from cfga.extraction.batching import size_buckets
+    from cfga.extraction.store import shard_plan
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 40))
@@ -392,7 +392,7 @@ def _feats(n, rng):
 
 
 def test_gather_shards_gives_the_unsharded_bytes(tmp_path):
-    from cfga.featurestore import gather_shards, load_features, save_features
+    from cfga.extraction.store import gather_shards, load_features, save_features
 
     rng = np.random.default_rng(0)
     n = 7

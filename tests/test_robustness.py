@@ -11,22 +11,28 @@ import time
 import warnings
 import zlib
 
+import cfga.extraction.pipeline as extract_mod
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile
 
-import cfga.extract as extract_mod
 from cfga import extract_features
-from cfga.aggregation import aggregate_response, grad_to_vector, kernel_response
-from cfga.extract import FeatureError, image_level_features
-from cfga.features import FEATURES, features_for, feature_dim
-from cfga.featurestore import load_features, save_features
-from cfga.preprocess import MAX_IMAGE_PIXELS, ImageError, load_rgb, peek_size
-from cfga.protocols import get_protocol
-from cfga.scda import l2_normalize, pooling_feature, scda_features, scda_mask
+from cfga.extraction.pipeline import FeatureError, image_level_features
+from cfga.extraction.preprocess import MAX_IMAGE_PIXELS, ImageError, load_rgb, peek_size
+from cfga.extraction.store import load_features, save_features
+from cfga.numerics.aggregation import (
+    aggregate_response,
+    grad_to_vector,
+    kernel_response,
+)
+from cfga.numerics.mask import scda_mask
+from cfga.numerics.pooling import l2_normalize, pooling_feature, scda_features
+from cfga.registry.features import FEATURES, feature_dim, features_for
+from cfga.registry.protocols import get_protocol
 from tests.reference.spec_reference import build_dml_model, reference_grad_to_vector
 
 torch.set_num_threads(1)
@@ -321,7 +327,7 @@ def test_tiny_images_one_by_one_map_give_finite_whole_map_features(model, tiny, 
     """≤ 32 px → 1×1 layer4 map → S constant → threshold mask B empty. scda (LCC): whole map per
     SPEC §4.1; dgpcrl (no LCC): whole-map fallback with a warning (SPEC S6). With a whole 1×1 map,
     avg = max = F, so SCDA = Pooling and 'SCDA original' = the two halves each normalised."""
-    with caplog.at_level("WARNING", logger="cfga.extract"):
+    with caplog.at_level("WARNING", logger="cfga.extraction.pipeline"):
         feats = extract_features(model, tiny, protocol, batch_size=8)
     if protocol == "dgpcrl":
         assert "empty SCDA mask" in caplog.text

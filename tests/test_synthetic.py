@@ -7,9 +7,11 @@ import tarfile
 import numpy as np
 import pytest
 import scipy.io
+from cfga.data import synthetic
 from PIL import Image
 
-from cfga import datasets, synthetic
+from cfga.data.archives import DatasetError
+from cfga.data.formats import parse_cars_annotations
 
 
 def _jpeg_members(tgz):
@@ -123,8 +125,8 @@ def test_cars_mat_has_real_layout(cars):
     [{}, {"squeeze_me": True}, {"struct_as_record": False}, {"struct_as_record": False, "squeeze_me": True}],
 )
 def test_cars_mat_parses_in_every_loadmat_layout(cars, kw):
-    ref = datasets.parse_cars_annotations(scipy.io.loadmat(cars["annotations"]))
-    got = datasets.parse_cars_annotations(scipy.io.loadmat(cars["annotations"], **kw))
+    ref = parse_cars_annotations(scipy.io.loadmat(cars["annotations"]))
+    got = parse_cars_annotations(scipy.io.loadmat(cars["annotations"], **kw))
     assert got == ref
     anns, names = got
     assert len(anns) == 30 and len(names) == 3
@@ -132,9 +134,9 @@ def test_cars_mat_parses_in_every_loadmat_layout(cars, kw):
 
 
 def test_synthesize_rejects_bad_config(tmp_path):
-    with pytest.raises(datasets.DatasetError, match="images_per_class"):
+    with pytest.raises(DatasetError, match="images_per_class"):
         synthetic.synthesize({"format": "cub", "synthetic": {"classes": 3}}, tmp_path)
-    with pytest.raises(datasets.DatasetError, match="images_per_class >= 2"):
+    with pytest.raises(DatasetError, match="images_per_class >= 2"):
         synthetic.synthesize({"format": "cub", "synthetic": {"classes": 3, "images_per_class": 1, "seed": 0}}, tmp_path)
-    with pytest.raises(datasets.DatasetError, match="unknown format"):
+    with pytest.raises(DatasetError, match="unknown format"):
         synthetic.synthesize({"format": "sop", "synthetic": {"classes": 3, "images_per_class": 2, "seed": 0}}, tmp_path)

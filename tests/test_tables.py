@@ -1,8 +1,8 @@
 """Paper-layout tables: published values only beside real rows that name a paper row."""
 from pathlib import Path
 
-from cfga.features import RECALL_KS, TABLE5_COLUMNS
-from cfga.tables import load_published, long_rows, table5
+from cfga.outputs.tables import load_published, long_rows, table5
+from cfga.registry.features import RECALL_KS, TABLE5_COLUMNS
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "paper" / "published_recall_at_1.csv"
 
@@ -45,8 +45,8 @@ def test_long_rows_one_row_per_cell_sorted_by_feature_order():
 
 
 def test_table3_and_6_rows_embedding_dims_and_missing_rows_note():
-    from cfga.features import CFGA_FEATURES
-    from cfga.tables import paper_table
+    from cfga.outputs.tables import paper_table
+    from cfga.registry.features import CFGA_FEATURES
 
     pre = [_cell("cars", "r50", f, 0.5) for f in ("scda", "cfga_plus", *CFGA_FEATURES)]
     ms = [dict(_cell("cars", "ms", f, 0.7), dim=512 if f == "embedding" else 1)

@@ -7,9 +7,10 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
-from cfga import checkpoints as C
-from cfga.checkpoints import CheckpointError
-from cfga.train import (
+from cfga.backbones.heads import head_embedding
+from cfga.checkpoints.formats import CheckpointError, sniff_format
+from cfga.checkpoints.load import load_checkpoint
+from cfga.training.dml import (
     FORMAT_FOR_LOSS,
     LOSSES,
     TrainSettings,
@@ -76,8 +77,8 @@ def test_each_loss_trains_saves_and_reloads(loss, data, backbone, probe, tmp_pat
 
     path = tmp_path / f"{loss}.pth"
     save_trained(path, net, loss)
-    assert C.sniff_format(torch.load(path, weights_only=True)) == FORMAT_FOR_LOSS[loss]
-    loaded, meta = C.load_checkpoint(path, "resnet50")
+    assert sniff_format(torch.load(path, weights_only=True)) == FORMAT_FOR_LOSS[loss]
+    loaded, meta = load_checkpoint(path, "resnet50")
     assert meta["format"] == FORMAT_FOR_LOSS[loss]
     with torch.no_grad():
         e_trained = embed(net, probe, loss)
@@ -140,17 +141,18 @@ def test_bad_inputs_are_refused(data, backbone):
 @pytest.mark.parametrize("loss,kind", [("ms", "ms"), ("cosface", "ms"), ("arcface", "ms"), ("proxy_anchor", "proxy_anchor")])
 def test_trained_head_is_the_evaluated_head(loss, kind):
     """The head train_dml optimises equals the extraction's DML embedding (SPEC §4.4), up to rounding."""
-    import cfga.extract as extract
-    from cfga.protocols import get_protocol
-    from cfga.train import HEAD_FOR_LOSS
+    import cfga.extraction.pipeline as extract
+
+    from cfga.registry.protocols import get_protocol
+    from cfga.training.dml import HEAD_FOR_LOSS
 
     assert get_protocol(FORMAT_FOR_LOSS[loss]).embedding == kind
     torch.manual_seed(1)
     fc = torch.nn.Linear(2048, 512)
     F = torch.rand(3, 2048, 3, 4)
     with torch.no_grad():
-        ours = C.head_embedding(fc, F, HEAD_FOR_LOSS[loss])
-        theirs = extract.head_embedding(_Holder(fc), F, kind)
+        ours = head_embedding(fc, F, HEAD_FOR_LOSS[loss])
+        theirs = extract.stored_embedding(_Holder(fc), F, kind)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cfga.features import FEATURES, RECALL_KS, features_for
+from cfga.registry.features import FEATURES, RECALL_KS, features_for
 
 pytestmark = pytest.mark.workflow
 

@@ -5,9 +5,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _common import rule_logging
 
-from cfga.cells import metrics_record
-from cfga.featurestore import load_features
-from cfga.io import write_json
+from cfga.extraction.store import load_features
+from cfga.files import write_json
+from cfga.outputs.cells import metrics_record
 
 sm = snakemake  # noqa: F821
 with rule_logging(sm) as log:

@@ -1,21 +1,20 @@
 """Features of every test image of one dataset for one model → results/features/{dataset}/{model}.npz.
 
-As a shard job (wildcards ``shard``, ``nshards``) it extracts the rows ``cfga.featurestore.shard_plan``
+As a shard job (wildcards ``shard``, ``nshards``) it extracts the rows ``cfga.extraction.store.shard_plan``
 gives shard ``shard`` of ``nshards`` and writes them, with their row indices, to a shard file.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
+import torch
 from _common import rule_logging
 
-import torch
-
 from cfga import extract_features, load_model
-from cfga.datasets import read_manifest
-from cfga.featurestore import provenance, save_features, shard_plan
-from cfga.preprocess import output_size, peek_size
-from cfga.protocols import get_protocol
+from cfga.data.manifest import read_manifest
+from cfga.extraction.preprocess import output_size, peek_size
+from cfga.extraction.store import provenance, save_features, shard_plan
+from cfga.registry.protocols import get_protocol
 
 sm = snakemake  # noqa: F821
 with rule_logging(sm) as log:

@@ -1,13 +1,13 @@
 """Shard files of one (dataset, model) extraction → results/features/{dataset}/{model}.npz, the bytes
-one unsharded job writes (rows back in manifest order; checks in cfga.featurestore.gather_shards)."""
+one unsharded job writes (rows back in manifest order; checks in cfga.extraction.store.gather_shards)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _common import rule_logging
 
-from cfga.datasets import read_manifest
-from cfga.featurestore import gather_shards
+from cfga.data.manifest import read_manifest
+from cfga.extraction.store import gather_shards
 
 sm = snakemake  # noqa: F821
 with rule_logging(sm) as log:

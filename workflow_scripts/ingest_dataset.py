@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _common import rule_logging
 
-from cfga.datasets import ingest_dataset
+from cfga.data.formats import ingest_dataset
 
 with rule_logging(snakemake) as log:  # noqa: F821
     cfg = dict(snakemake.params.cfg)  # noqa: F821

@@ -5,8 +5,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _common import rule_logging
 
-from cfga import io
-from cfga.tables import load_published, long_rows, paper_table, read_cells
+from cfga import files as io
+from cfga.outputs.tables import load_published, long_rows, paper_table, read_cells
 
 sm = snakemake  # noqa: F821
 with rule_logging(sm) as log:

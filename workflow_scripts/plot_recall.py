@@ -5,8 +5,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _common import rule_logging
 
-from cfga.plots import recall_plot
-from cfga.tables import read_cells
+from cfga.outputs.plots import recall_plot
+from cfga.outputs.tables import read_cells
 
 sm = snakemake  # noqa: F821
 with rule_logging(sm):

@@ -3,15 +3,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
+import torch
 from _common import rule_logging
 
-import torch
-
-from cfga import io
-from cfga.datasets import read_manifest
-from cfga.extract import resolve_device
-from cfga.models import ARCHS
-from cfga.pretrain import PretrainSettings, train_classifier
+from cfga import files as io
+from cfga.backbones.resnet import ARCHS
+from cfga.data.manifest import read_manifest
+from cfga.runtime import resolve_device
+from cfga.training.pretrain import PretrainSettings, train_classifier
 
 sm = snakemake  # noqa: F821
 with rule_logging(sm) as log:

@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _common import rule_logging
 
-from cfga.synthetic import synthesize
+from cfga.data.synthetic import synthesize
 
 with rule_logging(snakemake) as log:  # noqa: F821
     out_dir = Path(snakemake.output[0]).parent  # noqa: F821

@@ -3,15 +3,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
+import torch
 from _common import rule_logging
 
-import torch
-
-from cfga import io
-from cfga.checkpoints import load_checkpoint
-from cfga.datasets import read_manifest
-from cfga.extract import resolve_device
-from cfga.train import TrainSettings, save_trained, settings_record, train_dml
+from cfga import files as io
+from cfga.checkpoints.load import load_checkpoint
+from cfga.data.manifest import read_manifest
+from cfga.runtime import resolve_device
+from cfga.training.dml import TrainSettings, save_trained, settings_record, train_dml
 
 sm = snakemake  # noqa: F821
 with rule_logging(sm) as log:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Width of the DML embedding heads (ms, proxy_anchor; SPEC §1.2).
+EMBED_DIM = 512
+
 
 @dataclass(frozen=True)
 class Feature:
@@ -50,7 +53,7 @@ FEATURES: dict[str, Feature] = {
         ],
         Feature("cfga_plus", 1024, "CFGA+", "layer4_conv2_weight.json"),
         # The DML protocols' own embedding: 512-d for ms/proxy_anchor, 4096 for dgpcrl (feature_dim).
-        Feature("embedding", 512, "embedding", "embedding_max_avg.json"),
+        Feature("embedding", EMBED_DIM, "embedding", "embedding_max_avg.json"),
     ]
 }
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from .features import CFGA_FEATURES, FEATURES, RECALL_KS, TABLE5_COLUMNS
+from cfga.registry.features import CFGA_FEATURES, FEATURES, RECALL_KS, TABLE5_COLUMNS
 
 METRIC_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("map@r",)
 

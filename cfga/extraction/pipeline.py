@@ -5,32 +5,29 @@ size; each batch holds images of one size, which keeps every conv, pool, mask an
 identical to a batch-size-1 run up to float summation order (SPEC S13). On CPU a row is in fact
 bit-identical whatever else shares its batch (tests/test_extract.py checks it): the trunk's
 kernels treat images independently and the CFGA step works image by image
-(``cfga.gradients.kernel_responses``).
-"""
+(``cfga.gradients.kernel_responses``)."""
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as Fn
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._malloc import keep_freed_memory
-from .checkpoints import HEADS
-from .checkpoints import head_embedding as dml_head
-from .features import CFGA_LAYERS, cfga_name, feature_dim
-from .gradients import Layer4Tail, cfga_scalar, trunk_to_layer4_0
-from .preprocess import (ImageLike, cap_700, load_rgb, output_size, peek_size, preprocess, resize_image,
-                         to_normalized_tensor)
-from .protocols import Protocol, get_protocol
-from .scda import l2_normalize, pooling_feature, scda_features, scda_mask
-
+from cfga.backbones.heads import head_embedding
+from cfga.backbones.resnet import Layer4Tail, trunk_to_layer4_0
+from cfga.extraction.batching import size_buckets
+from cfga.extraction.loaders import _collate, _ImageSet, in_process_batches
+from cfga.extraction.preprocess import ImageLike, cap_700, output_size, peek_size
+from cfga.numerics.mask import scda_mask
+from cfga.numerics.pooling import l2_normalize, pooling_feature, scda_features
+from cfga.numerics.scalar import cfga_scalar
+from cfga.registry.features import CFGA_LAYERS, cfga_name, feature_dim
+from cfga.registry.protocols import HEADS, Protocol, get_protocol
+from cfga.runtime import keep_freed_memory, model_device, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +74,10 @@ def image_level_features(F: torch.Tensor, protocol: Protocol) -> tuple[dict[str,
     return feats, mask
 
 
-def head_embedding(net: nn.Module, F: torch.Tensor, kind: str) -> torch.Tensor:
+def stored_embedding(net: nn.Module, F: torch.Tensor, kind: str) -> torch.Tensor:
     """A DML net's embedding of maps F [B, C, h, w] → [B, 512], normalised again as the authors'
     numpy does (SPEC §4.4, S15); ``kind`` is a head of ``cfga.checkpoints.HEADS``."""
-    return l2_normalize(dml_head(net.fc, F, kind))
+    return l2_normalize(head_embedding(net.fc, F, kind))
 
 
 def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
@@ -100,7 +97,7 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[
     L = cfga_scalar(F, mask_t, coef)
     if protocol.embedding in HEADS:
         with torch.no_grad():
-            out["embedding"] = head_embedding(net, Fd, protocol.embedding)
+            out["embedding"] = stored_embedding(net, Fd, protocol.embedding)
     for i, v in tail.vectors(L):
         b, c = CFGA_LAYERS[i]
         out[cfga_name(b, c)] = v
@@ -108,120 +105,10 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[
     return {k: out[k] for k in protocol.features}
 
 
-class _ImageSet(torch.utils.data.Dataset):
-    def __init__(self, images: Sequence[ImageLike], protocol: Protocol):
-        self.images = images
-        self.resize = protocol.resize
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return i, preprocess(self.images[i], self.resize)
-
-
-def _collate(items):
-    idx, xs = zip(*items)
-    return torch.tensor(idx), torch.stack(xs)
-
-
-# In-process loading (CPU, num_workers=0). PIL's decode and resize release the GIL, so JPEGs are
-# decoded in threads, in one of two ways:
-# * ahead: one background thread decodes batch k+1 while the model runs on batch k. That hides
-#   the JPEG cost, but only where a core is idle: with torch's threads on every core the decode
-#   thread preempts one of them and every parallel region waits for it (measured on 2 cores with
-#   2 threads: the convolutions ~10 % slower, more than the decoding it hides);
-# * in parallel: each batch's images are decoded side by side on every usable core, between two
-#   model steps (nothing to preempt; on 2 cores ~1.5 ms/image less than decoding one by one).
-# "auto" decodes ahead only when torch leaves a core free; True/False force ahead / in parallel.
-# The torch half of the preprocessing (ToTensor + Normalize) stays on the calling thread, so no
-# second intra-op pool is started.
-DECODE_AHEAD: bool | str = "auto"
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a SLURM or cgroup allocation)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def decode_ahead_wanted(mode: bool | str | None = None) -> bool:
-    """Whether in-process CPU loading should decode ahead (``DECODE_AHEAD`` when mode is None)."""
-    mode = DECODE_AHEAD if mode is None else mode
-    if mode == "auto":
-        return torch.get_num_threads() < usable_cores()
-    if isinstance(mode, bool):
-        return mode
-    raise ValueError(f"DECODE_AHEAD must be True, False or 'auto', got {mode!r}")
-
-
-def _decode_one(images: Sequence[ImageLike], i: int, resize):
-    return resize_image(load_rgb(images[i]), resize)
-
-
-def _decode_pil(images: Sequence[ImageLike], idx: list[int], resize) -> list:
-    return [_decode_one(images, i, resize) for i in idx]
-
-
-def _decode_ahead(images: Sequence[ImageLike], batches: list[list[int]], resize):
-    """Yield (indices, x [B, 3, H, W]) like the in-process DataLoader, with the PIL decoding of
-    batch k+1 running while the caller works on batch k. Same pixels (``preprocess``'s own steps),
-    same order; an unreadable image raises its ImageError when its batch is reached."""
-    if not batches:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfga-decode") as pool:
-        pending = pool.submit(_decode_pil, images, batches[0], resize)
-        for k, idx in enumerate(batches):
-            pils = pending.result()
-            if k + 1 < len(batches):
-                pending = pool.submit(_decode_pil, images, batches[k + 1], resize)
-            yield torch.tensor(idx), torch.stack([to_normalized_tensor(im) for im in pils])
-
-
-def _decode_parallel(images: Sequence[ImageLike], batches: list[list[int]], resize, workers: int | None = None):
-    """Yield (indices, x [B, 3, H, W]) like ``_decode_ahead``, each batch decoded on ``workers``
-    threads (default: every usable core) before it is yielded. Same pixels, same order; the first
-    unreadable image of a batch raises its ImageError."""
-    if not batches:
-        return
-    with ThreadPoolExecutor(max_workers=workers or usable_cores(), thread_name_prefix="cfga-decode") as pool:
-        for idx in batches:
-            pils = list(pool.map(lambda i: _decode_one(images, i, resize), idx))
-            yield torch.tensor(idx), torch.stack([to_normalized_tensor(im) for im in pils])
-
-
-def in_process_batches(images: Sequence[ImageLike], batches: list[list[int]], resize):
-    """The CPU's in-process loader: decode ahead or in parallel (see ``DECODE_AHEAD``)."""
-    if decode_ahead_wanted():
-        return _decode_ahead(images, batches, resize)
-    return _decode_parallel(images, batches, resize)
-
-
-def size_buckets(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
-    """Indices grouped by equal size, chunked to ``batch_size``; buckets in order of first use."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, s in enumerate(sizes):
-        groups.setdefault(s, []).append(i)
-    return [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
-
-
 def default_batch_size(device: torch.device) -> int:
     """Images per batch when the caller gives none: 32 on CUDA, 8 on CPU (measured on the 2-core
     CPU: ~10 % faster per image than 4, no gain beyond 8)."""
     return 32 if device.type == "cuda" else 8
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None → CUDA when present, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def extract_features(

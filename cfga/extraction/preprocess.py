@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
+
+from cfga.registry.protocols import Resize
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 
@@ -30,19 +31,6 @@ class ImageError(ValueError):
     """An image file that cannot be decoded; the message names the file and the fix."""
 
 
-@dataclass(frozen=True)
-class Resize:
-    """How a protocol resizes (SPEC §2).
-
-    short:    target short side in px.
-    upsample: False → the authors' ``scda``/``dgpcrl`` rule (only shrink, half-to-even rounding);
-              True → torchvision ``Resize(short)`` (long side truncated, small images upsampled).
-    crop:     centre-crop size in px, or None.
-    """
-
-    short: int
-    upsample: bool = False
-    crop: int | None = None
 
 
 def scda_size(h: int, w: int, short: int = 256) -> tuple[int, int]:

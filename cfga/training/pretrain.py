@@ -16,7 +16,7 @@ import torchvision.transforms as T
 from torch import nn
 from tqdm.auto import tqdm
 
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from cfga.extraction.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .scda import l2_normalize
+from cfga.numerics.pooling import l2_normalize
 
 
 def kernel_response(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:

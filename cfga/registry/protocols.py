@@ -7,8 +7,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .features import features_for
-from .preprocess import Resize
+from cfga.registry.features import features_for
+
+
+@dataclass(frozen=True)
+class Resize:
+    """How a protocol resizes (SPEC §2).
+
+    short:    target short side in px.
+    upsample: False → the authors' ``scda``/``dgpcrl`` rule (only shrink, half-to-even rounding);
+              True → torchvision ``Resize(short)`` (long side truncated, small images upsampled).
+    crop:     centre-crop size in px, or None.
+    """
+
+    short: int
+    upsample: bool = False
+    crop: int | None = None
 
 
 @dataclass(frozen=True)
@@ -36,8 +50,9 @@ PROTOCOLS: dict[str, Protocol] = {
     "dgpcrl": Protocol("dgpcrl", Resize(short=280, upsample=False, crop=None), lcc=False, embedding="pooling"),
 }
 
-# Protocols whose network carries a 512-d embedding head (``fc = Linear(2048, 512)``).
-HEADED = ("ms", "proxy_anchor")
+# Protocols whose network carries a 512-d embedding head (``fc = Linear(2048, 512)``); the
+# protocol's name is the head's name (cfga.backbones.heads).
+HEADS = tuple(p.name for p in PROTOCOLS.values() if p.embedding == p.name)
 
 
 def get_protocol(name: str | Protocol) -> Protocol:

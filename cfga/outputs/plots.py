@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
-from .features import FEATURES, RECALL_KS
+from cfga.registry.features import FEATURES, RECALL_KS
 
 
 def recall_plot(cells: Sequence[Mapping], path: str | os.PathLike, title: str) -> None:
@@ -14,7 +14,7 @@ def recall_plot(cells: Sequence[Mapping], path: str | os.PathLike, title: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from cfga.files import atomic_path
 
     fig, ax = plt.subplots(figsize=(8, 5))
     order = list(FEATURES)

@@ -17,8 +17,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cfga.datasets import DatasetError
-from cfga.io import atomic_path
+from cfga.data.archives import DatasetError
+from cfga.files import atomic_path
 
 __all__ = [
     "ImageFactory",

@@ -1,169 +1,45 @@
-"""Raw dataset archives (CUB-200-2011, CARS196) -> manifest CSV + extracted images.
+"""Dataset formats as published (CUB-200-2011, CARS196) → manifest rows, and the ingestion step.
 
-The manifest has one row per image, columns ``split,label,class_name,path``; ``path`` is relative
-to the extracted dataset root (``CUB_200_2011/`` for CUB, the folder holding ``car_ims/`` for
-Cars). Split rule (SPEC section 6, S17): the first half of the classes by class id is train, the
-rest test; labels are ``class_id - 1`` and are not renumbered.
+Split rule (SPEC section 6, S17): the first half of the classes by class id is train, the rest
+test; labels are ``class_id - 1`` and are not renumbered.
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import os
 import shutil
-import tarfile
-import tempfile
-import zlib
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from cfga.io import md5_file, write_csv
+from cfga.data.archives import (
+    DatasetError,
+    _iter_tar,
+    _list_members,
+    _member_name,
+    _read_member,
+    _require_file,
+    _safe_relpath,
+    extract_images,
+    verify_md5,
+)
+from cfga.data.manifest import ManifestRow, write_manifest
 
-__all__ = [
-    "DatasetError",
-    "ManifestRow",
-    "MANIFEST_COLUMNS",
-    "CUB_PREFIX",
-    "verify_md5",
-    "read_cub_manifest",
-    "read_cars_manifest",
-    "parse_cars_annotations",
-    "split_for_class",
-    "extract_images",
-    "write_manifest",
-    "read_manifest",
-    "ingest_dataset",
-]
-
-MANIFEST_COLUMNS = ("split", "label", "class_name", "path")
 CUB_PREFIX = "CUB_200_2011/"
+
+
 # Required CUB metadata. train_test_split.txt is deliberately not required: its flag is ignored.
 _CUB_REQUIRED = ("images.txt", "image_class_labels.txt", "classes.txt")
+
+
 # Fields of cars_annos.mat we read; bbox_* and test exist in the real file but are not used.
 _CARS_REQUIRED_FIELDS = ("relative_im_path", "class")
-
-# Everything a damaged gzip/tar stream can raise while being read.
-_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError)
-
-
-class DatasetError(Exception):
-    """Bad dataset input; the message names the offending file and how to fix it."""
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    """One image: split 'train'|'test', label = class id - 1, path relative to the dataset root."""
-
-    split: str
-    label: int
-    class_name: str
-    path: str
-
-
-# --------------------------------------------------------------------------------------------
-# small helpers
-
-
-def _require_file(path: Path, what: str) -> None:
-    if not path.is_file():
-        raise DatasetError(
-            f"{what} not found: {path}. Download it (see README) or fix the path in the config."
-        )
-
-
-def _corrupt(path: Path, err: BaseException) -> DatasetError:
-    return DatasetError(
-        f"{path} is truncated or corrupt ({type(err).__name__}: {err}); re-download the archive."
-    )
-
-
-def _safe_relpath(p: str, source: str) -> str:
-    """Normalised POSIX relative path; refuses absolute names and '..' (path traversal)."""
-    if not p or p.startswith(("/", "\\")) or (len(p) > 1 and p[1] == ":") or "\\" in p:
-        raise DatasetError(f"{source}: unsafe or empty image path {p!r}; the file is malformed.")
-    parts = [q for q in PurePosixPath(p).parts if q != "."]
-    if not parts or ".." in parts:
-        raise DatasetError(f"{source}: unsafe image path {p!r} (contains '..'); refusing it.")
-    return "/".join(parts)
-
-
-def _member_name(name: str) -> str:
-    # Some tar writers prefix members with './'.
-    while name.startswith("./"):
-        name = name[2:]
-    return name
 
 
 def split_for_class(class_id: int, n_classes: int) -> str:
     """'train' for the first half of the classes by 1-based id, else 'test' (SPEC section 6)."""
     return "train" if class_id <= n_classes // 2 else "test"
-
-
-def verify_md5(path: str | os.PathLike, expected: str | None) -> None:
-    """Check the md5 of ``path``; no-op when ``expected`` is None."""
-    if expected is None:
-        return
-    path = Path(path)
-    _require_file(path, "Archive")
-    actual = md5_file(path)
-    if actual.lower() != str(expected).strip().lower():
-        raise DatasetError(
-            f"md5 mismatch for {path}: expected {expected}, actual {actual}. "
-            "re-download the archive or remove the md5: entry for your own archive."
-        )
-
-
-def _iter_tar(path: Path, drain: bool = True) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
-    """Stream the members of a .tgz once, in archive order.
-
-    gzip.GzipFile (not tarfile's own stream) does the decompression because it raises on a
-    truncated stream and checks the CRC; ``drain`` reads to the end of the gzip stream so the
-    CRC check runs even though tar stops at its end-of-archive marker. Read a member's bytes with
-    ``_read_member`` before advancing.
-    """
-    _require_file(path, "Archive")
-    with open(path, "rb") as raw:
-        if raw.read(2) != b"\x1f\x8b":
-            raise DatasetError(f"{path} is not a gzip-compressed tar (.tgz); re-download the archive.")
-        raw.seek(0)
-        gz = gzip.GzipFile(fileobj=raw, mode="rb")
-        try:
-            tf = tarfile.open(fileobj=gz, mode="r|")
-        except _READ_ERRORS as err:
-            raise _corrupt(path, err) from err
-        with tf:
-            it = iter(tf)
-            while True:
-                try:
-                    member = next(it)
-                except StopIteration:
-                    break
-                except _READ_ERRORS as err:
-                    raise _corrupt(path, err) from err
-                yield member, tf
-            if drain:
-                try:
-                    while gz.read(1 << 20):
-                        pass
-                except _READ_ERRORS as err:
-                    raise _corrupt(path, err) from err
-
-
-def _read_member(tf: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> bytes:
-    try:
-        fh = tf.extractfile(member)
-        if fh is None:
-            raise DatasetError(f"{path}: member {member.name} is not a regular file.")
-        data = fh.read()
-    except _READ_ERRORS as err:
-        raise _corrupt(path, err) from err
-    if len(data) != member.size:
-        raise _corrupt(path, EOFError(f"short read of {member.name}"))
-    return data
 
 
 def _parse_pairs(text: str, source: str, n_fields: int = 2) -> list[list[str]]:
@@ -198,10 +74,6 @@ def _check_test_classes(rows: Sequence[ManifestRow], source: str) -> None:
             f"{', '.join(singles[:10])}{' ...' if len(singles) > 10 else ''}. "
             "Fix the annotations or add images."
         )
-
-
-# --------------------------------------------------------------------------------------------
-# CUB-200-2011
 
 
 def read_cub_manifest(archive_path: str | os.PathLike) -> list[ManifestRow]:
@@ -270,10 +142,6 @@ def read_cub_manifest(archive_path: str | os.PathLike) -> list[ManifestRow]:
         rows.append(ManifestRow(split_for_class(cid, n_classes), cid - 1, classes[cid], images[iid]))
     _check_test_classes(rows, src("image_class_labels.txt"))
     return rows
-
-
-# --------------------------------------------------------------------------------------------
-# CARS196
 
 
 def _scalar(x):
@@ -357,10 +225,6 @@ def _load_mat(path: Path) -> dict:
         raise DatasetError(f"{path} is not a readable MATLAB file ({err}); re-download it.") from None
 
 
-def _list_members(path: Path) -> set[str]:
-    return {_member_name(m.name) for m, _ in _iter_tar(path, drain=True) if m.isfile()}
-
-
 def read_cars_manifest(
     images_archive: str | os.PathLike, annotations_mat: str | os.PathLike
 ) -> list[ManifestRow]:
@@ -390,105 +254,6 @@ def read_cars_manifest(
             f"archive (e.g. {absent[:3]}); the two files do not match, re-download car_ims.tgz."
         )
     return rows
-
-
-# --------------------------------------------------------------------------------------------
-# extraction and manifest files
-
-
-def extract_images(
-    archive_path: str | os.PathLike,
-    rows: Sequence[ManifestRow],
-    dest_root: str | os.PathLike,
-    strip_prefix: str = "",
-) -> None:
-    """Extract exactly the manifest's images so that ``dest_root / row.path`` exists.
-
-    Member names lose ``strip_prefix`` ('CUB_200_2011/' for CUB, '' for Cars). One streaming
-    pass; writes into a temp dir beside ``dest_root`` and renames it on success (replacing an
-    old ``dest_root``), so a failure leaves nothing half-extracted.
-    """
-    from tqdm import tqdm
-
-    archive_path, dest_root = Path(archive_path), Path(dest_root)
-    _require_file(archive_path, "Archive")
-    prefix = strip_prefix.strip("/")
-    prefix = prefix + "/" if prefix else ""
-    wanted: set[str] = set()
-    for r in rows:
-        p = _safe_relpath(r.path, "manifest")
-        if p in wanted:
-            raise DatasetError(f"manifest lists {p} twice")
-        wanted.add(p)
-
-    dest_root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest_root.name}.", suffix=".tmp", dir=dest_root.parent))
-    try:
-        found: set[str] = set()
-        made: set[Path] = set()
-        with tqdm(total=len(wanted), desc=f"extract {archive_path.name}", unit="img", mininterval=2.0) as bar:
-            for member, tf in _iter_tar(archive_path, drain=True):
-                name = _member_name(member.name)
-                if not name.startswith(prefix):
-                    continue
-                rel = name[len(prefix):]
-                if rel not in wanted:
-                    continue  # unknown members (attributes/, parts/, ...) and anything unsafe
-                if not member.isfile():
-                    raise DatasetError(f"{archive_path}: {member.name} is not a regular file; re-download.")
-                data = _read_member(tf, member, archive_path)
-                target = tmp / rel
-                if target.parent not in made:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    made.add(target.parent)
-                target.write_bytes(data)
-                if rel not in found:
-                    found.add(rel)
-                    bar.update()
-        missing = sorted(wanted - found)
-        if missing:
-            raise DatasetError(
-                f"{archive_path}: {len(missing)} image(s) of the manifest are not in the archive "
-                f"(e.g. {missing[:3]}); re-download the archive."
-            )
-        if dest_root.is_symlink() or dest_root.is_file():
-            dest_root.unlink()
-        elif dest_root.exists():
-            shutil.rmtree(dest_root)
-        os.replace(tmp, dest_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_manifest(rows: Sequence[ManifestRow], path: str | os.PathLike) -> None:
-    """Write the manifest CSV (columns split,label,class_name,path) atomically."""
-    write_csv(path, MANIFEST_COLUMNS, [(r.split, r.label, r.class_name, r.path) for r in rows])
-
-
-def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
-    """Read a manifest CSV written by ``write_manifest``."""
-    path = Path(path)
-    _require_file(path, "Manifest")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None or tuple(header) != MANIFEST_COLUMNS:
-            raise DatasetError(f"{path}: header must be {','.join(MANIFEST_COLUMNS)}, got {header}; regenerate it.")
-        rows = []
-        for lineno, rec in enumerate(reader, 2):
-            if len(rec) != 4 or rec[0] not in ("train", "test"):
-                raise DatasetError(f"{path} line {lineno}: malformed row {rec}; regenerate the manifest.")
-            try:
-                label = int(rec[1])
-            except ValueError:
-                raise DatasetError(f"{path} line {lineno}: label {rec[1]!r} is not an integer.") from None
-            rows.append(ManifestRow(rec[0], label, rec[2], rec[3]))
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# top level
 
 
 def _cfg_path(cfg: Mapping, key: str, fmt: str) -> Path:

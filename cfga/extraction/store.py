@@ -12,8 +12,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import io
-from .features import FEATURES
+from cfga import files as io
+from cfga.extraction.batching import size_buckets
+from cfga.registry.features import FEATURES
 
 META_KEY = "meta_json"
 ROWS_KEY = "rows"  # shard files only: manifest test-row index of each row
@@ -23,7 +24,7 @@ def provenance(*, checkpoint: str | None, manifest: str | None, device: str, ext
     """Where a feature file came from: checkpoint and manifest sha256, versions, device."""
     import torch  # here, not at import: reading a feature file must stay torch-free and fast
 
-    from . import __version__
+    from cfga import __version__
 
     meta = {
         "cfga_version": __version__,
@@ -103,7 +104,6 @@ def shard_plan(sizes: Sequence[tuple[int, int]], batch_size: int, n_shards: int)
     every batch but the last is full. For one-size protocols (ms, proxy_anchor: centre crops) a
     shard is a contiguous slice of the manifest. More shards than batches leave shards empty.
     """
-    from .extract import size_buckets  # torch; only extraction jobs plan shards
 
     if n_shards < 1:
         raise ValueError(f"n_shards must be >= 1, got {n_shards}")

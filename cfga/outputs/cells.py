@@ -5,8 +5,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .features import FEATURES, RECALL_KS
-from .metrics import retrieval_metrics
+from cfga.numerics.metrics import retrieval_metrics
+from cfga.registry.features import FEATURES, RECALL_KS
 
 
 def metrics_record(

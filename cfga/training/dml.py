@@ -46,18 +46,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoints import (
-    EMBED_DIM,
-    FEAT_DIM,
-    dml_embedding,
-    head_embedding,
-    save_ms,
-    save_proxy_anchor,
-    to_torchvision,
-    trunk_features,
-)
-from .models import ARCHS
-from .pretrain import seed_everything, training_views
+from cfga.backbones.heads import dml_embedding, head_embedding, trunk_features
+from cfga.backbones.resnet import ARCHS, FEAT_DIM
+from cfga.checkpoints.formats import to_torchvision
+from cfga.checkpoints.save import save_ms, save_proxy_anchor
+from cfga.registry.features import EMBED_DIM
+from cfga.training.pretrain import seed_everything, training_views
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +155,7 @@ def train_dml(
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if settings.trainable not in TRAINABLE:
         raise ValueError(f"trainable {settings.trainable!r}; known: {', '.join(TRAINABLE)}")
-    from .extract import resolve_device
+    from cfga.runtime import resolve_device
 
     device = resolve_device(device)
     classes = sorted(set(int(x) for x in labels))

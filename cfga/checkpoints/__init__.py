@@ -1,0 +1,1 @@
+"""Checkpoint files ⇄ torchvision modules: formats (recognised from keys), loading, saving."""

@@ -1,0 +1,1 @@
+"""Datasets: archives in their published formats → manifests and image trees; synthetic archives."""

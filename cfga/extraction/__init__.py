@@ -1,0 +1,1 @@
+"""Images → features: preprocessing, loaders, the batched pipeline, the feature file format."""

@@ -1,0 +1,1 @@
+"""What a person reads: metrics records, paper tables, plots."""

@@ -1,0 +1,1 @@
+"""What the Snakemake rules call besides the numerics: code fingerprints, locks, shard resources."""
