@@ -1,24 +1,29 @@
-"""Paper-style tables from the per-cell metrics JSON files.
+"""Paper-style tables from the per-cell metrics JSON files, built with pandas.
 
-Table 5 layout: rows = dataset × model (``scda`` protocol), columns Pooling, SCDA, CFGA+,
-CFGA 4-1-1 … 4-2-3, Recall@1 in % with one decimal. A row is compared with the paper only when
-its dataset and model both name a paper row (config ``paper:`` keys); synthetic rows never are.
+One long table holds every cell (dataset, model, feature → metrics); each paper table is that
+table filtered to its protocols and pivoted into the paper's layout (rows dataset × model,
+columns the paper's features), written as CSV and Markdown. Recall@1 in % with one decimal. A row
+is compared with the paper only when its dataset and model both name a paper row (config
+``paper:`` keys); synthetic rows never are.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+import pandas as pd
+
 from cfga.registry.features import CFGA_FEATURES, FEATURES, RECALL_KS, TABLE5_COLUMNS
 
 METRIC_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("map@r",)
+LONG_COLUMNS = ("dataset", "model", "feature", "paper_column", "dim", "n_queries", *METRIC_KEYS)
+ID_COLUMNS = ("dataset", "model", "row", "data", "paper_dataset", "paper_model", "embedding_dim")
 
 
 def read_cells(paths: Iterable[str | os.PathLike]) -> list[dict]:
-    """Load every metrics JSON; → list of records (see ``cfga.cells.metrics_record``)."""
+    """Load every metrics JSON; → list of records (see ``cfga.outputs.cells.metrics_record``)."""
     cells = []
     for p in paths:
         with open(p, encoding="utf-8") as fh:
@@ -26,13 +31,16 @@ def read_cells(paths: Iterable[str | os.PathLike]) -> list[dict]:
     return cells
 
 
+def published_frame(path: str | os.PathLike) -> pd.DataFrame:
+    """The published values file: columns table, dataset, model, feature, recall_at_1 (in %)."""
+    return pd.read_csv(path, dtype={"table": str, "dataset": str, "model": str, "feature": str})
+
+
 def load_published(path: str | os.PathLike) -> dict[tuple[str, str, str, str], float]:
     """(table, dataset, model, feature) → published R@1 in %."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        return {
-            (r["table"], r["dataset"], r["model"], r["feature"]): float(r["recall_at_1"])
-            for r in csv.DictReader(fh)
-        }
+    df = published_frame(path)
+    keys = zip(df["table"], df["dataset"], df["model"], df["feature"])
+    return dict(zip(keys, df["recall_at_1"].astype(float)))
 
 
 def pct(x: float) -> str:
@@ -40,15 +48,21 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def cells_frame(cells: Sequence[Mapping]) -> pd.DataFrame:
+    """The long table: one row per cell, sorted by dataset, model and the registry's feature order."""
+    df = pd.DataFrame([{k: c[k] for k in LONG_COLUMNS if k != "paper_column"} for c in cells],
+                      columns=[k for k in LONG_COLUMNS if k != "paper_column"])
+    df.insert(3, "paper_column", [FEATURES[f].column for f in df["feature"]])
+    df["_order"] = [list(FEATURES).index(f) for f in df["feature"]]
+    return df.sort_values(["dataset", "model", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
 def long_rows(cells: Sequence[Mapping]) -> tuple[list[str], list[list]]:
-    """all_metrics.csv: one row per cell, every metric as a fraction."""
-    header = ["dataset", "model", "feature", "paper_column", "dim", "n_queries", *METRIC_KEYS]
-    rows = [
-        [c["dataset"], c["model"], c["feature"], FEATURES[c["feature"]].column, c["dim"], c["n_queries"],
-         *[f"{c[k]:.6f}" for k in METRIC_KEYS]]
-        for c in sorted(cells, key=lambda c: (c["dataset"], c["model"], list(FEATURES).index(c["feature"])))
-    ]
-    return header, rows
+    """all_metrics.csv: one row per cell, every metric as a fraction (6 decimals)."""
+    df = cells_frame(cells)
+    for k in METRIC_KEYS:
+        df[k] = df[k].map(lambda v: f"{v:.6f}")
+    return list(df.columns), df.values.tolist()
 
 
 def _row_kind(dataset_cfg: Mapping) -> str:
@@ -102,6 +116,86 @@ def _feature_for(column: str, protocol: str) -> str:
     return "scda" if column == "embedding" and protocol == "scda" else column
 
 
+def _rows_frame(spec: TableSpec, cells: pd.DataFrame, datasets: Mapping[str, Mapping],
+                models: Mapping[str, Mapping]) -> pd.DataFrame:
+    """One row per (dataset, model) the table lists, in config order of datasets and the paper's
+    row order of models, with the identifying columns."""
+    order = list(FAMILIES)
+    have = set(zip(cells["dataset"], cells["model"], cells["feature"]))
+    rows = []
+    for d in datasets:
+        for m in sorted(models, key=lambda m: order.index(model_family(models[m]))):
+            proto = models[m]["protocol"]
+            if proto not in spec.protocols:
+                continue
+            feats = [_feature_for(c, proto) for c in spec.columns]
+            if not any((d, m, f) in have for f in feats):
+                continue
+            kind = _row_kind(datasets[d])
+            pd_, pm = (datasets[d].get("paper"), models[m].get("paper")) if kind == "real" else (None, None)
+            rows.append({"dataset": d, "model": m, "row": FAMILIES[model_family(models[m])], "data": kind,
+                         "paper_dataset": pd_ or "", "paper_model": pm or "", "protocol": proto})
+    return pd.DataFrame(rows, columns=[*ID_COLUMNS[:-1], "protocol"])
+
+
+def paper_frame(
+    spec: TableSpec | str,
+    cells: Sequence[Mapping],
+    datasets: Mapping[str, Mapping],
+    models: Mapping[str, Mapping],
+    published: Mapping[tuple[str, str, str, str], float],
+) -> pd.DataFrame:
+    """One paper-layout table as a frame: the identifying columns, then per paper column our R@1
+    (%, one decimal, as text) and the published value beside it (empty where the row is not a
+    paper row). An empty string marks a cell this run does not have."""
+    spec = TABLES[spec] if isinstance(spec, str) else spec
+    long = cells_frame(cells) if cells else pd.DataFrame(columns=list(LONG_COLUMNS))
+    table = _rows_frame(spec, long, datasets, models)
+    r1 = long.set_index(["dataset", "model", "feature"])["recall@1"]
+    dims = long.set_index(["dataset", "model", "feature"])["dim"]
+
+    def lookup(series, f, fmt):
+        keys = [(d, m, _feature_for(f, p)) for d, m, p in zip(table["dataset"], table["model"], table["protocol"])]
+        return [fmt(series[k]) if k in series.index else "" for k in keys]
+
+    table["embedding_dim"] = lookup(dims, spec.columns[0], lambda v: str(int(v)))
+    for f in spec.columns:
+        col = FEATURES[f].column
+        table[col] = lookup(r1, f, pct)
+        paper = [published.get((spec.name, pd_, pm, _feature_for(f, p))) if pd_ and pm else None
+                 for pd_, pm, p in zip(table["paper_dataset"], table["paper_model"], table["protocol"])]
+        table[f"{col} (paper)"] = ["" if v is None else f"{v:.1f}" for v in paper]
+    return table.drop(columns="protocol")
+
+
+def _markdown(spec: TableSpec, table: pd.DataFrame, models: Mapping[str, Mapping]) -> str:
+    cols = [FEATURES[f].column for f in spec.columns]
+    md = ["| Dataset | Model | Row | Data | " + " | ".join(cols) + " |", "|---|---|---|---|" + "---|" * len(cols)]
+    for r in table.to_dict("records"):
+        label = "synthetic (not comparable to the paper)" if r["data"] == "synthetic" else (
+            f"paper row {r['paper_dataset']}/{r['paper_model']}" if r["paper_dataset"] and r["paper_model"]
+            else "real (no paper row)")
+        md_cells = [r[c] + (f" ({r[f'{c} (paper)']})" if r[f"{c} (paper)"] else "") for c in cols]
+        if spec.columns[0] == "embedding" and r["embedding_dim"]:
+            md_cells[0] += f" [{r['embedding_dim']}-d]"
+        md.append(f"| {r['dataset']} | {r['model']} | {r['row']} | {label} | " + " | ".join(md_cells) + " |")
+    dims = ", ".join(f"{FEATURES[f].column} {FEATURES[f].dim}" for f in spec.columns if f != "embedding")
+    note = [
+        "",
+        f"Recall@1 in %. In parentheses: the published value ({spec.title}), shown only for rows whose "
+        "dataset and model are the paper's. Dimensions: " + dims + ("; embedding dimension in brackets"
+                                                                    if "embedding" in spec.columns else "") + ".",
+    ]
+    if spec.name in ("table3", "table6"):
+        present = set(table["row"])
+        missing = [FAMILIES[f] for f in FAMILIES if FAMILIES[f] not in present and
+                   (spec.name == "table3" or f not in ("resnet50_imagenet", "proxy_anchor"))]
+        if missing:
+            note.append(f"No model of this run fills: {', '.join(missing)}"
+                        + (" (DGPCRL is a loader-only row: give the authors' checkpoint)." if "DGPCRL" in missing else "."))
+    return "\n".join(md) + "\n" + "\n".join(note) + "\n"
+
+
 def paper_table(
     spec: TableSpec | str,
     cells: Sequence[Mapping],
@@ -111,59 +205,8 @@ def paper_table(
 ) -> tuple[list[str], list[list[str]], str]:
     """→ (csv header, csv rows, markdown text) of one paper-layout table (R@1 in %)."""
     spec = TABLES[spec] if isinstance(spec, str) else spec
-    by_key = {(c["dataset"], c["model"], c["feature"]): c for c in cells}
-    cols = [FEATURES[f].column for f in spec.columns]
-    header = ["dataset", "model", "row", "data", "paper_dataset", "paper_model", "embedding_dim"]
-    for col in cols:
-        header += [col, f"{col} (paper)"]
-    md = [
-        "| Dataset | Model | Row | Data | " + " | ".join(cols) + " |",
-        "|---|---|---|---|" + "---|" * len(cols),
-    ]
-    order = list(FAMILIES)
-    entries = [(d, m) for d in datasets for m in sorted(models, key=lambda m: order.index(model_family(models[m])))]
-    rows = []
-    for d, m in entries:
-        dcfg, mcfg = datasets[d], models[m]
-        proto = mcfg["protocol"]
-        if proto not in spec.protocols:
-            continue
-        feats = [_feature_for(c, proto) for c in spec.columns]
-        if not any((d, m, f) in by_key for f in feats):
-            continue
-        kind = _row_kind(dcfg)
-        pd_, pm = (dcfg.get("paper"), mcfg.get("paper")) if kind == "real" else (None, None)
-        emb = by_key.get((d, m, feats[0]))
-        family = FAMILIES[model_family(mcfg)]
-        row = [d, m, family, kind, pd_ or "", pm or "", str(emb["dim"]) if emb else ""]
-        md_cells = []
-        for f in feats:
-            c = by_key.get((d, m, f))
-            ours = pct(c["recall@1"]) if c else ""
-            paper = published.get((spec.name, pd_, pm, f)) if pd_ and pm else None
-            row += [ours, "" if paper is None else f"{paper:.1f}"]
-            md_cells.append(ours + (f" ({paper:.1f})" if paper is not None else ""))
-        label = "synthetic (not comparable to the paper)" if kind == "synthetic" else (
-            f"paper row {pd_}/{pm}" if pd_ and pm else "real (no paper row)")
-        if spec.columns[0] == "embedding" and emb:
-            md_cells[0] += f" [{emb['dim']}-d]"
-        rows.append(row)
-        md.append(f"| {d} | {m} | {family} | {label} | " + " | ".join(md_cells) + " |")
-    dims = ", ".join(f"{FEATURES[f].column} {FEATURES[f].dim}" for f in spec.columns if f != "embedding")
-    note = [
-        "",
-        f"Recall@1 in %. In parentheses: the published value ({spec.title}), shown only for rows whose "
-        "dataset and model are the paper's. Dimensions: " + dims + ("; embedding dimension in brackets"
-                                                                    if "embedding" in spec.columns else "") + ".",
-    ]
-    if spec.name in ("table3", "table6"):
-        present = {FAMILIES[model_family(models[m])] for _, m, *_ in rows}
-        missing = [FAMILIES[f] for f in FAMILIES if FAMILIES[f] not in present and
-                   (spec.name == "table3" or f not in ("resnet50_imagenet", "proxy_anchor"))]
-        if missing:
-            note.append(f"No model of this run fills: {', '.join(missing)}"
-                        + (" (DGPCRL is a loader-only row: give the authors' checkpoint)." if "DGPCRL" in missing else "."))
-    return header, rows, "\n".join(md) + "\n" + "\n".join(note) + "\n"
+    table = paper_frame(spec, cells, datasets, models, published)
+    return list(table.columns), table.values.tolist(), _markdown(spec, table, models)
 
 
 def table5(cells, datasets, models, published):
