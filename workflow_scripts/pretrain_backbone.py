@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 import torch
 from _common import rule_logging
 
-from cfga import files as io
+from cfga import files
 from cfga.backbones.resnet import ARCHS
 from cfga.data.manifest import read_manifest
 from cfga.runtime import resolve_device
@@ -24,7 +24,7 @@ with rule_logging(sm) as log:
         ARCHS[sm.params.arch], [root / r.path for r in rows], [r.label for r in rows], settings,
         device=device, progress=True,
     )
-    with io.atomic_path(sm.output.checkpoint) as tmp:
+    with files.atomic_path(sm.output.checkpoint) as tmp:
         torch.save(state, tmp)
-    io.write_json(sm.output.settings, {"arch": sm.params.arch, "settings": vars(settings),
+    files.write_json(sm.output.settings, {"arch": sm.params.arch, "settings": vars(settings),
                                        "train_images": len(rows), "device": str(device), "history": history})

@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 import torch
 from _common import rule_logging
 
-from cfga import files as io
+from cfga import files
 from cfga.checkpoints.load import load_checkpoint
 from cfga.data.manifest import read_manifest
 from cfga.runtime import resolve_device
@@ -28,6 +28,6 @@ with rule_logging(sm) as log:
     net, history = train_dml(state, sm.params.arch, [root / r.path for r in rows], [r.label for r in rows], loss,
                              settings, device=device, progress=True)
     save_trained(sm.output.checkpoint, net.cpu(), loss)
-    io.write_json(sm.output.settings, settings_record(
+    files.write_json(sm.output.settings, settings_record(
         settings, loss=loss, arch=sm.params.arch, n_images=len(rows), n_classes=len({r.label for r in rows}),
         history=history, backbone=str(sm.input.backbone), backbone_sha256=meta["sha256"]))

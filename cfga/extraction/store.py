@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cfga import files as io
+from cfga import files
 from cfga.extraction.batching import size_buckets
 from cfga.registry.features import FEATURES
 
@@ -32,9 +32,9 @@ def provenance(*, checkpoint: str | None, manifest: str | None, device: str, ext
         "python_version": platform.python_version(),
         "device": device,
         "checkpoint": checkpoint,
-        "checkpoint_sha256": io.sha256_file(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": files.sha256_file(checkpoint) if checkpoint else None,
         "manifest": manifest,
-        "manifest_sha256": io.sha256_file(manifest) if manifest else None,
+        "manifest_sha256": files.sha256_file(manifest) if manifest else None,
     }
     meta.update(extra or {})
     return meta
@@ -52,7 +52,7 @@ def save_features(
     """Write one feature file atomically; refuses non-finite values and wrong shapes.
 
     ``rows`` (shard files only) stores each row's index among the manifest's test rows.
-    Identical arguments give identical bytes (``cfga.io.save_npz``).
+    Identical arguments give identical bytes (``cfga.files.save_npz``).
     """
     n = len(labels)
     if len(paths) != n:
@@ -74,12 +74,12 @@ def save_features(
             raise ValueError(f"{len(rows)} row indices for {n} labels; refusing to write {path}")
         arrays[ROWS_KEY] = np.asarray(rows, dtype=np.int64).reshape(n)
     arrays[META_KEY] = np.asarray(json.dumps(dict(meta), sort_keys=True))
-    io.save_npz(path, arrays)
+    files.save_npz(path, arrays)
 
 
 def load_features(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict]:
     """→ (features {name: float32 [N, D]}, labels int64 [N], paths str [N], provenance dict)."""
-    z = io.load_npz(path)
+    z = files.load_npz(path)
     for key in ("labels", "paths", META_KEY):
         if key not in z:
             raise ValueError(f"{path} is not a feature file (no {key!r} array); rerun its extraction")
