@@ -81,8 +81,8 @@ def load_npz(path: str | os.PathLike, keys=None) -> dict[str, np.ndarray]:
     """Read the arrays of an uncompressed ``.npz`` (``save_npz``'s) straight into memory.
 
     ``keys``: the member names to read (default: all), in file order. ``np.load`` streams each
-    member through zipfile (CRC32 and small chunked copies), about 10× slower for a feature file
-    of a few hundred MB; this reads each stored member with one ``readinto`` at its offset.
+    member through zipfile (CRC32 and small chunked copies), much slower for a feature file of a
+    few hundred MB (BENCHMARKS.md); this reads each stored member with one ``readinto``.
     Compressed members (an ``.npz`` from elsewhere) fall back to zipfile. Raises ValueError naming
     the file when it is not a readable ``.npz`` (truncated, not a zip, object arrays).
     """

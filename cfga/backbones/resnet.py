@@ -41,8 +41,8 @@ def stem_max_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     A max is exact in any order, so the layout cannot change a single bit (NaN and −0.0
     included), while torch's NCHW max-pool kernel on CPU (it always computes argmax indices, one
-    window at a time) costs ~4× the channels-last one plus the two layout copies: ~9 ms of a
-    ~250 ms single-thread ResNet-50 forward at 256×341. Other devices and modules: ``pool(x)``.
+    window at a time) costs several times the channels-last one plus the two layout copies, a
+    visible share of the trunk's forward (BENCHMARKS.md). Other devices and modules: ``pool(x)``.
     """
     if x.device.type != "cpu" or x.dim() != 4 or type(pool) is not nn.MaxPool2d:
         return pool(x)

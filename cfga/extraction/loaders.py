@@ -42,10 +42,10 @@ def _collate(items):
 # decoded in threads, in one of two ways:
 # * ahead: one background thread decodes batch k+1 while the model runs on batch k. That hides
 #   the JPEG cost, but only where a core is idle: with torch's threads on every core the decode
-#   thread preempts one of them and every parallel region waits for it (measured on 2 cores with
-#   2 threads: the convolutions ~10 % slower, more than the decoding it hides);
+#   thread preempts one of them and every parallel region waits for it, which slows the
+#   convolutions by more than the decoding it hides (BENCHMARKS.md);
 # * in parallel: each batch's images are decoded side by side on every usable core, between two
-#   model steps (nothing to preempt; on 2 cores ~1.5 ms/image less than decoding one by one).
+#   model steps (nothing to preempt; cheaper than decoding one by one, BENCHMARKS.md).
 # "auto" decodes ahead only when torch leaves a core free; True/False force ahead / in parallel.
 # The torch half of the preprocessing (ToTensor + Normalize) stays on the calling thread, so no
 # second intra-op pool is started.

@@ -106,8 +106,8 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Images per batch when the caller gives none: 32 on CUDA, 8 on CPU (measured on the 2-core
-    CPU: ~10 % faster per image than 4, no gain beyond 8)."""
+    """Images per batch when the caller gives none: 32 on CUDA, 8 on CPU (on the CPU faster per
+    image than 4, and larger batches gained nothing: BENCHMARKS.md)."""
     return 32 if device.type == "cuda" else 8
 
 
@@ -137,7 +137,7 @@ def extract_features(
         batch_size = default_batch_size(device)
     if device.type == "cpu":
         keep_freed_memory()
-    if num_workers is None:  # GPU: JPEG decoding (~4 ms/image/core) is what limits images/s
+    if num_workers is None:  # GPU: JPEG decoding is what limits images/s (BENCHMARKS.md)
         num_workers = max(1, min(16, usable_cores() - 1)) if device.type == "cuda" else 0
 
     sizes = [output_size(*peek_size(im), proto.resize) for im in images]

@@ -20,7 +20,7 @@ def kernel_response(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     taps = G.flatten(-2)
     n = taps.shape[-1]
     mx, mn = taps.amax(dim=-1), taps.amin(dim=-1)
-    # Two-pass std instead of torch.std (Welford; ~10x slower on CPU): same value up to ~1 ulp,
+    # Two-pass std instead of torch.std (Welford; slower on CPU, BENCHMARKS.md): same up to ~1 ulp,
     # well inside SPEC S13's tolerance. A constant kernel gets exactly 0, as torch.std gives.
     centred = taps - taps.mean(dim=-1, keepdim=True)
     std = centred.square_().sum(dim=-1).div_(n - 1).sqrt_()
@@ -37,8 +37,8 @@ def aggregate_response(r: torch.Tensor, *, inplace: bool = False, scratch: torch
     accepted for compatibility and ignored).
 
     Both strict tests are one test against the larger mean, done as float multiply-adds (a float
-    0/1 keep times r, the reference's own ``r * keep``): bool masks and ``masked_fill`` cost ~5x
-    more on CPU. A NaN in r propagates (0·NaN = NaN) instead of vanishing.
+    0/1 keep times r, the reference's own ``r * keep``): bool masks and ``masked_fill`` cost
+    more on CPU (BENCHMARKS.md). A NaN in r propagates (0·NaN = NaN) instead of vanishing.
 
     ``scratch`` (r's shape) and ``out`` (v's shape) let a caller looping over images reuse the
     same memory for every image; the values are the same.

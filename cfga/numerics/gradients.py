@@ -93,8 +93,8 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *,
     Gt = torch.empty(k2 * C_in, C_out, dtype=dY.dtype, device=dY.device)  # reused for every image
     rT = torch.empty(C_in, C_out, dtype=dY.dtype, device=dY.device)
     for n in range(B):
-        # The transposed product, cols_n @ dY_nᵀ → [k², C_in, C_out]: MKL runs it ~20 % faster than
-        # dY_n @ cols_nᵀ at this shape (inner dimension h'·w' ≈ 88), and the tap reductions
+        # The transposed product, cols_n @ dY_nᵀ → [k², C_in, C_out]: MKL runs it faster than
+        # dY_n @ cols_nᵀ at this shape (h'·w' ≈ 88; BENCHMARKS.md), and the tap reductions
         # become elementwise passes over k² contiguous [C_in, C_out] planes.
         torch.mm(_at(cols[n], live[n]), _at(dYf[n], live[n]).T, out=Gt)
         _centred_tap_response(Gt.view(k2, C_in, C_out), out=rT, dim=0)
@@ -106,15 +106,15 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *,
 # Positions where an image's dY is exactly zero add only ±0 to its weight gradient: outside the
 # SCDA mask for layer4.2's conv2/conv3 (about half of the map on real images), outside its 3×3
 # dilation upstream. Skipping them shortens the products' inner dimension at the price of a
-# gathering copy, which pays (measured, 2-core CPU) for k×k convs whenever one position can go
-# and for 1×1 convs from about 40 % zero positions on.
+# gathering copy, which pays for k×k convs whenever one position can go and for 1×1 convs only
+# when enough positions are zero (thresholds measured, BENCHMARKS.md).
 SKIP_ZERO_POSITIONS_BELOW = {"1x1": 0.6, "kxk": 1.0}
 
 
 def live_positions(dYf: torch.Tensor, below: float) -> list[torch.Tensor | None]:
     """For each image of dYf [B, C_out, P]: the indices [P'] of the positions p where some channel
     of dY is non-zero (NaN counts as non-zero), or None (use every position) unless P' < below·P."""
-    live = dYf.ne(0).sum(dim=1, dtype=torch.int32) > 0  # [B, P]; ~2.5x faster than .any(dim=1) on CPU
+    live = dYf.ne(0).sum(dim=1, dtype=torch.int32) > 0  # [B, P]; cheaper than .any(dim=1) on CPU
     counts = live.sum(dim=1).tolist()
     P = dYf.shape[-1]
     return [live[n].nonzero().view(-1) if c < below * P else None for n, c in enumerate(counts)]
@@ -130,7 +130,7 @@ def _centred_tap_response(Gc: torch.Tensor, out: torch.Tensor, dim: int = -2) ->
     out, Gc's shape without ``dim`` (SPEC §5.1)."""
     taps = Gc.unbind(dim)
     rng = Gc.amax(dim=dim).sub_(Gc.amin(dim=dim))  # max g + max(−g)
-    # Σ_t g_t² as multiply-adds over the k² tap planes: ~2.5× faster on CPU than square + sum.
+    # Σ_t g_t² as multiply-adds over the k² tap planes: faster on CPU than square + sum.
     ss = taps[0] * taps[0]
     for g in taps[1:]:
         ss.addcmul_(g, g)
@@ -176,8 +176,8 @@ def centred_tap_columns(X: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     Tap-major rows make the per-image products [k², C_in, ·] blocks whose reductions over the taps
     run vectorised across input channels. For stride 1 (every CFGA conv) the taps are
-    plain shifted windows of the zero-padded input, stacked in one copy: about 4× cheaper than
-    ``unfold`` plus a transposing copy. Other strides take the ``unfold`` route.
+    plain shifted windows of the zero-padded input, stacked in one copy: cheaper than
+    ``unfold`` plus a transposing copy (BENCHMARKS.md). Other strides take the ``unfold`` route.
     """
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"only explicit zero padding is supported, got {conv.padding_mode!r} / {conv.padding!r}")

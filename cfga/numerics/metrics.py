@@ -59,9 +59,9 @@ Algorithm (one pass over blocks of query rows; the N x N matrix is never materia
    * AP@R_i is summed left to right per query, and the mean over queries uses ``math.fsum``
      (correctly rounded), so MAP@R is bitwise independent of the block size and the device.
 
-5. Screening dtype: float32 on CPU (sgemm runs at twice the dgemm rate here; the matmul is
-   60-75 % of the run time at 60k x 512, so float64 screening would not meet the 120 s budget
-   on 2 contended cores), float64 on CUDA (fp64 tensor cores are as fast as
+5. Screening dtype: float32 on CPU (sgemm outruns dgemm there and the matmul dominates the run
+   time at 60k rows, so float64 screening would miss the time budget; BENCHMARKS.md),
+   float64 on CUDA (fp64 tensor cores are as fast as
    fp32 on H100-class parts). float64 screening is also used on CPU when the features are too
    large for float32 (max norm > 2^50) or when torch is allowed reduced-precision float32 matmuls
    (``torch.set_float32_matmul_precision`` other than ``"highest"``, or mkldnn bf16/tf32), since the
@@ -77,11 +77,9 @@ For general floats, numpy's own float64 matmul differs between BLAS builds in th
 canonical order is one such float64 evaluation, and the two can only disagree on a pair whose
 similarities coincide to within a few float64 ulps (never observed on random data).
 
-Cost (``benchmarks/metrics_speed.py``, N = 60,000 random unit vectors, D = 512, ~11 per class,
-2 threads on a 2-core AMD EPYC shared with other jobs): 44-103 s per call depending on the load
-(sgemm ~ 22-45 s of it, topk ~ 4-9 s, the rest ~ 3 s); canonical rechecks ~ 1 per query. Peak
-extra memory ~ 0.42 GB: one ``B x N`` float32 block (<= 256 MB by default) + a float32 copy of
-the features sorted by label. Pure functions: arrays in, numbers out, no I/O.
+Cost: ``benchmarks/metrics_speed.py``; its figures are in BENCHMARKS.md. Extra memory is one
+``B x N`` float32 block (<= 256 MB by default) + a float32 copy of the features sorted by label.
+Pure functions: arrays in, numbers out, no I/O.
 """
 from __future__ import annotations
 
@@ -95,7 +93,7 @@ import numpy as np
 
 class _LazyTorch:
     """``torch``, imported on first use: a small CPU call (one table cell of a few thousand
-    images, one process per cell in the workflow) then never pays torch's ~2 s import."""
+    images, one process per cell in the workflow) then never pays torch's import time."""
 
     def __getattr__(self, name):
         import torch as _torch
