@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from cfga.registry.features import CFGA_FEATURES, FEATURES, RECALL_KS, TABLE5_COLUMNS
+from cfga.registry.losses import LOSSES
 
 METRIC_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("map@r",)
 
@@ -82,7 +83,6 @@ FAMILIES: dict[str, str] = {
     "cosface": "CosFace",
     "arcface": "ArcFace",
 }
-_LOSS_FAMILY = {"ms": "msloss", "proxy_anchor": "proxy_anchor", "cosface": "cosface", "arcface": "arcface"}
 
 
 def model_family(mcfg: Mapping) -> str:
@@ -94,7 +94,7 @@ def model_family(mcfg: Mapping) -> str:
     if mcfg["protocol"] == "scda":
         return "resnet50_imagenet"
     if "train" in mcfg:
-        return _LOSS_FAMILY[mcfg["train"]["loss"]]
+        return LOSSES[mcfg["train"]["loss"]].family
     return {"proxy_anchor": "proxy_anchor", "dgpcrl": "dgpcrl"}.get(mcfg["protocol"], "msloss")
 
 
