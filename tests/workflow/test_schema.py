@@ -165,3 +165,25 @@ def test_schema_enums_are_the_registries():
     assert set(enum(*MODEL, "family")) == set(FAMILIES)
     assert set(enum(*MODEL, "arch")) == set(ARCHS)
     assert set(enum(*DATASET, "format")) == set(FORMATS)
+
+
+# --------------------------------------------------------------------------------------------
+# a model's weights: exactly one of checkpoint, pretrain, train
+
+
+@pytest.mark.parametrize("model,key", [
+    ({"arch": "resnet50", "protocol": "scda"}, "checkpoint"),
+    ({"arch": "resnet50", "protocol": "scda", "checkpoint": "m.pth", "pretrain": {}}, "pretrain"),
+    ({"arch": "resnet50", "protocol": "ms", "checkpoint": "m.pth", "train": {"loss": "ms", "from": "m"}}, "train"),
+    ({"arch": "resnet50", "protocol": "ms", "pretrain": {}, "train": {"loss": "ms", "from": "m"}}, "train"),
+])
+def test_one_source_of_weights_named_in_the_error(model, key):
+    cfg = {"datasets": {"d": real("cub")}, "models": {**copy.deepcopy(MODELS), "x": model}}
+    rejected(cfg, key)
+
+
+def test_each_source_of_weights_alone_is_accepted():
+    check({"datasets": {"d": real("cub")},
+           "models": {"m": {"arch": "resnet50", "protocol": "scda", "checkpoint": "m.pth"},
+                      "p": {"arch": "resnet50", "protocol": "scda", "pretrain": {}},
+                      "t": {"arch": "resnet50", "protocol": "ms", "train": {"loss": "ms", "from": "p"}}}})
