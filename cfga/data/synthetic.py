@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from cfga.data.archives import DatasetError
 from cfga.files import atomic_path
+from cfga.registry.datasets import FORMATS
 
 __all__ = [
     "ImageFactory",
@@ -415,11 +416,12 @@ def synthesize(cfg: Mapping, out_dir: str | os.PathLike) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "cub":
-        archive = out / "CUB_200_2011.tgz"
+        archive = out / FORMATS["cub"].files["archive"]
         write_cub_archive(archive, classes, per, seed)
         return {"format": "cub", "archive": str(archive)}
     if fmt == "cars":
-        images, annos = out / "car_ims.tgz", out / "cars_annos.mat"
+        files = FORMATS["cars"].files
+        images, annos = out / files["images_archive"], out / files["annotations"]
         write_cars_archives(images, annos, classes, per, seed)
         return {"format": "cars", "images_archive": str(images), "annotations": str(annos)}
     raise DatasetError(f"synthetic dataset config: unknown format {fmt!r}; use 'cub' or 'cars'.")

@@ -90,6 +90,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cfga.registry.features import RECALL_KS
+
 
 class _LazyTorch:
     """``torch``, imported on first use: a small CPU call (one table cell of a few thousand
@@ -106,7 +108,7 @@ torch = _LazyTorch()
 
 __all__ = ["recall_at_k", "map_at_r", "retrieval_metrics", "DEFAULT_KS"]
 
-DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+DEFAULT_KS: tuple[int, ...] = RECALL_KS  # the K of the tables (cfga.registry.features)
 
 _BLOCK_BUDGET_BYTES = 256 * 2**20  # screening block (B x N) budget when block_size is None
 _CANON_CHUNK_BYTES = 4 * 2**20  # float64 product buffer per canonical-recheck chunk

@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 
 from cfga.registry.features import CFGA_FEATURES, FEATURES, RECALL_KS, TABLE5_COLUMNS
+from cfga.registry.losses import LOSSES
 
 METRIC_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("map@r",)
 LONG_COLUMNS = ("dataset", "model", "feature", "paper_column", "dim", "n_queries", *METRIC_KEYS)
@@ -96,7 +97,6 @@ FAMILIES: dict[str, str] = {
     "cosface": "CosFace",
     "arcface": "ArcFace",
 }
-_LOSS_FAMILY = {"ms": "msloss", "proxy_anchor": "proxy_anchor", "cosface": "cosface", "arcface": "arcface"}
 
 
 def model_family(mcfg: Mapping) -> str:
@@ -108,8 +108,24 @@ def model_family(mcfg: Mapping) -> str:
     if mcfg["protocol"] == "scda":
         return "resnet50_imagenet"
     if "train" in mcfg:
-        return _LOSS_FAMILY[mcfg["train"]["loss"]]
+        return LOSSES[mcfg["train"]["loss"]].family
     return {"proxy_anchor": "proxy_anchor", "dgpcrl": "dgpcrl"}.get(mcfg["protocol"], "msloss")
+
+
+# What the tables read of a dataset's and a model's config (the rest is not a table setting).
+_DATASET_KEYS = ("paper",)
+_MODEL_KEYS = ("protocol", "family", "paper")
+
+
+def table_config(datasets: Mapping[str, Mapping], models: Mapping[str, Mapping]) -> tuple[dict, dict]:
+    """(datasets, models) reduced to what :func:`paper_table` reads, in config order: the tables
+    rule's params, so that a setting the tables do not show does not rerun them."""
+    ds = {d: {**({"synthetic": True} if "synthetic" in c else {}), **{k: c[k] for k in _DATASET_KEYS if k in c}}
+          for d, c in datasets.items()}
+    ms = {m: {**{k: c[k] for k in _MODEL_KEYS if k in c},
+              **({"train": {"loss": c["train"]["loss"]}} if "train" in c else {})}
+          for m, c in models.items()}
+    return ds, ms
 
 
 def _feature_for(column: str, protocol: str) -> str:

@@ -51,14 +51,16 @@ from cfga.backbones.resnet import ARCHS, FEAT_DIM
 from cfga.checkpoints.formats import to_torchvision
 from cfga.checkpoints.save import save_ms, save_proxy_anchor
 from cfga.registry.features import EMBED_DIM
+from cfga.registry.losses import LOSSES as _LOSSES
 from cfga.training.pretrain import seed_everything, training_views
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("ms", "proxy_anchor", "cosface", "arcface")
-# Embedding head the loss trains (= the head its evaluation protocol uses), and the saved format.
-HEAD_FOR_LOSS = {"ms": "ms", "cosface": "ms", "arcface": "ms", "proxy_anchor": "proxy_anchor"}
-FORMAT_FOR_LOSS = {"ms": "ms", "cosface": "ms", "arcface": "ms", "proxy_anchor": "proxy_anchor"}
+LOSSES = tuple(_LOSSES)
+# Embedding head the loss trains (= the head its evaluation protocol uses), and the saved format
+# (cfga.registry.losses).
+HEAD_FOR_LOSS = {name: loss.head for name, loss in _LOSSES.items()}
+FORMAT_FOR_LOSS = {name: loss.format for name, loss in _LOSSES.items()}
 
 HEAD_LR_MULT = 10.0
 LOSS_LR_MULT = 100.0
