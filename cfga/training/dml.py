@@ -50,6 +50,7 @@ from cfga.backbones.heads import dml_embedding, head_embedding, trunk_features
 from cfga.backbones.resnet import ARCHS, FEAT_DIM
 from cfga.checkpoints.formats import to_torchvision
 from cfga.checkpoints.save import save_ms, save_proxy_anchor
+from cfga.registry.config import schema_defaults
 from cfga.registry.features import EMBED_DIM
 from cfga.registry.losses import LOSSES as _LOSSES
 from cfga.training.pretrain import seed_everything, training_views
@@ -67,6 +68,9 @@ LOSS_LR_MULT = 100.0
 FREEZE_BN = True
 TRAINABLE = ("all", "layer4")
 
+# The config schema is the one home of these defaults (models.<name>.train).
+_DEFAULTS = schema_defaults("models", "*", "train")
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -76,15 +80,15 @@ class TrainSettings:
     trainable: "all" or "layer4" (only layer4 + head learn); min_crop_area: smallest area
     fraction of the random training crop."""
 
-    epochs: int = 3
-    image_size: int = 128
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    m_per_class: int = 4
-    seed: int = 0
-    trainable: str = "all"
-    min_crop_area: float = 0.4
+    epochs: int = _DEFAULTS["epochs"]
+    image_size: int = _DEFAULTS["image_size"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    lr: float = _DEFAULTS["lr"]
+    weight_decay: float = 1e-4  # not a config key
+    m_per_class: int = _DEFAULTS["m_per_class"]
+    seed: int = _DEFAULTS["seed"]
+    trainable: str = _DEFAULTS["trainable"]
+    min_crop_area: float = _DEFAULTS["min_crop_area"]
 
 
 def build_loss(loss: str, num_classes: int):

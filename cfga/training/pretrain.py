@@ -17,20 +17,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cfga.extraction.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from cfga.registry.config import schema_defaults
 
 log = logging.getLogger(__name__)
+
+# The config schema is the one home of these defaults (models.<name>.pretrain).
+_DEFAULTS = schema_defaults("models", "*", "pretrain")
 
 
 @dataclass(frozen=True)
 class PretrainSettings:
     """epochs: passes over the train split; image_size: square training crop in px."""
 
-    epochs: int = 8
-    image_size: int = 96
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
+    epochs: int = _DEFAULTS["epochs"]
+    image_size: int = _DEFAULTS["image_size"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    lr: float = _DEFAULTS["lr"]
+    weight_decay: float = 1e-4  # not a config key
+    seed: int = _DEFAULTS["seed"]
 
 
 def seed_everything(seed: int) -> None:
