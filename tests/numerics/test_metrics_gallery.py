@@ -230,3 +230,39 @@ def test_no_gallery_results_unchanged():
     for (X, y, bs), want in zip(((Xb, yb, 37), (Xf, yf, None)), GOLDEN):
         got = retrieval_metrics(X, y, block_size=bs)
         assert {k: v.hex() for k, v in got.items()} == want
+
+
+# --------------------------------------------------------------------------------------------
+# the cell record
+
+
+def test_metrics_record_roles_and_ks():
+    from cfga.outputs.cells import metrics_record
+
+    rng = np.random.default_rng(4)
+    X = rng.integers(0, 2, (160, 6)).astype(np.float32)
+    y = rng.integers(0, 20, 160)
+    kw = dict(dataset="d", model="m", feature="cfga_plus")
+    plain = metrics_record(X, y, **kw)
+    both = metrics_record(X, y, **kw, is_query=np.ones(160, bool), is_gallery=np.ones(160, bool))
+    assert plain == both and plain["n_excluded_queries"] == 0 and plain["ks"] == list(KS)
+    assert plain["recall@1"] == recall_at_k(X, y, (1,))[1]
+
+    is_q = np.arange(160) < 70  # In-Shop-like: separate query and gallery rows
+    rec = metrics_record(X, y, **kw, ks=(1, 10, 20), is_query=is_q, is_gallery=~is_q)
+    want, mapr, n_ex = reference(X[is_q], y[is_q], X[~is_q], y[~is_q], ks=(1, 10, 20))
+    assert rec["ks"] == [1, 10, 20] and "recall@2" not in rec
+    assert {k: rec[f"recall@{k}"] for k in (1, 10, 20)} == want and rec["map@r"] == mapr
+    assert (rec["n_queries"], rec["n_gallery"], rec["n_excluded_queries"]) == (70, 90, n_ex)
+
+    is_g = np.arange(160) >= 40  # rows 40..69 are both: left out of their own ranking
+    rec = metrics_record(X, y, **kw, is_query=is_q, is_gallery=is_g)
+    own = np.where(np.arange(70) >= 40, np.arange(70) - 40, -1)
+    want, mapr, n_ex = reference(X[is_q], y[is_q], X[is_g], y[is_g], self_index=own)
+    assert {k: rec[f"recall@{k}"] for k in KS} == want and rec["map@r"] == mapr
+    assert rec["n_excluded_queries"] == n_ex
+
+    with pytest.raises(ValueError, match="is_gallery must be a boolean array"):
+        metrics_record(X, y, **kw, is_gallery=np.ones(5, bool))
+    with pytest.raises(ValueError, match="gallery rows"):
+        metrics_record(X, y, **kw, is_query=is_q, is_gallery=np.zeros(160, bool))
