@@ -113,6 +113,9 @@ DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 _BLOCK_BUDGET_BYTES = 256 * 2**20  # screening block (B x N) budget when block_size is None
 _CANON_CHUNK_BYTES = 4 * 2**20  # float64 product buffer per canonical-recheck chunk
 _TOPK_SLACK = 8  # extra topk entries beyond what the decisions need, to avoid row fallbacks
+# Recall lists stop at this length: with large K (SOP's 1000) a long topk would cost more than
+# the GEMM; the few rows whose n_i reaches past the list are counted by a full-row scan instead.
+_RECALL_LIST_CAP = 64
 _U64 = 2.0**-53
 _ETA64 = 2.0**-1022
 
@@ -497,7 +500,8 @@ def _run(prep: _Prep, ks: Sequence[int] | None, want_map: bool, block_size: int 
             own = qself >= 0
             A[ar[own], qself[own]] = -math.inf
         rmax_b = int(prep.r_cpu[b0:b1].max())
-        k = min(avail, max(kmax + 2 if want_recall else 0, rmax_b if want_map else 0) + _TOPK_SLACK)
+        k = min(avail, max(min(kmax, _RECALL_LIST_CAP) + 2 if want_recall else 0,
+                           rmax_b if want_map else 0) + _TOPK_SLACK)
         topv, topi = torch.topk(A, k, dim=1)
         blk = _Block(b0, B, ar, q, qself, A, diag, prep.qlab[b0:b1], prep.err[b0:b1], prep.r[b0:b1],
                      topv, topi, k == avail)
@@ -592,14 +596,17 @@ def _recall_block(prep: _Prep, blk: _Block, kmax: int) -> torch.Tensor:
     pr, pk = (unc & (need & complete)[:, None]).nonzero(as_tuple=True)
     pc = topi[pr, pk]
     fb = (need & ~complete).nonzero(as_tuple=True)[0]
-    if fb.numel():  # list too short (long runs of near-ties): scan the full rows
+    if fb.numel():  # list too short (near-ties, or n_i past the capped list): scan the full rows
         sub = blk.A[fb]
-        subdiff = prep.glab[None, :] != blk.lab[fb][:, None]
-        sub_above = (sub > hi[fb][:, None]) & subdiff
-        count[fb] = sub_above.sum(1)
-        fr, fc = ((sub >= lo[fb][:, None]) & subdiff & ~sub_above).nonzero(as_tuple=True)
-        pr = torch.cat([pr, fb[fr]])
-        pc = torch.cat([pc, fc])
+        hf, lf = hi[fb][:, None], lo[fb][:, None]
+        sub_above = sub > hf
+        # every item above hi, minus the positives above hi (the query's own column is -inf)
+        pos_above = (pos_valid[fb] & (pos_vals[fb] > hf)).sum(1)
+        count[fb] = sub_above.sum(1) - pos_above
+        fr, fc = ((sub >= lf) & ~sub_above).nonzero(as_tuple=True)
+        neg = prep.glab[fc] != blk.lab[fb[fr]]
+        pr = torch.cat([pr, fb[fr[neg]]])
+        pc = torch.cat([pc, fc[neg]])
     if pr.numel():
         urows = torch.unique(pr)
         t = torch.full((B,), math.nan, dtype=torch.float64, device=dev)

@@ -100,6 +100,28 @@ def test_gallery_equals_reference_exactly_on_ties(name, seed):
     assert map_at_r(Q, yq, gallery=G, gallery_labels=yg, return_excluded=True) == (mapr, n_ex)
 
 
+def loo_recall(X, y, ks):
+    """SPEC §8.1 without a gallery, vectorised: t = second-largest same-label value, self included."""
+    S = np.asarray(X, np.float64) @ np.asarray(X, np.float64).T
+    same = y[:, None] == y[None, :]
+    t = -np.sort(-np.where(same, S, -np.inf), axis=1)[:, 1]
+    n = ((S > t[:, None]) & ~same).sum(1)
+    return {k: float((n < k).sum()) / len(y) for k in ks}
+
+
+def test_large_k_past_the_topk_list():
+    """SOP's K = 1000: rows whose n_i runs past the capped topk list are counted by a row scan."""
+    ks = (1, 10, 100, 1000)
+    Q, yq, G, yg = quantised_dups_zeros(5, nq=700, ng=2600, d=6, c=200)
+    rec, mapr, _ = reference(Q, yq, G, yg, ks=ks)
+    got = retrieval_metrics(Q, yq, ks, gallery=G, gallery_labels=yg, block_size=97)
+    assert {k: got[f"recall@{k}"] for k in ks} == rec and got["map@r"] == mapr
+    assert 0 < rec[100] < rec[1000] < 1
+    rng = np.random.default_rng(6)
+    X, y = rng.integers(0, 2, (2200, 7)).astype(np.float32), np.arange(2200) % 300
+    assert recall_at_k(X, y, ks, block_size=200) == loo_recall(X, y, ks)
+
+
 def test_binary_has_ties_and_exclusions():
     """The tie-heavy data really exercises ties and excluded queries."""
     Q, yq, G, yg = binary(0)
