@@ -110,7 +110,7 @@ __all__ = ["recall_at_k", "map_at_r", "retrieval_metrics", "DEFAULT_KS"]
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
-_BLOCK_BUDGET_BYTES = 256 * 2**20  # screening block (B x N) budget when block_size is None
+_BLOCK_BUDGET_BYTES = 128 * 2**20  # screening block (B x N) budget when block_size is None
 _CANON_CHUNK_BYTES = 4 * 2**20  # float64 product buffer per canonical-recheck chunk
 _TOPK_SLACK = 8  # extra topk entries beyond what the decisions need, to avoid row fallbacks
 # Recall lists stop at this length: with large K (SOP's 1000) a long topk would cost more than
@@ -196,13 +196,18 @@ def _resolve_device(feats, device) -> torch.device:
     return torch.device("cpu")
 
 
-_ROW_CHUNK = 8192  # rows per chunk of the finiteness check and the norms (bounded temporaries)
+_CHUNK_ELEMS = 2**22  # elements per chunk of the norms / row scans (bounded temporaries)
 
 
-def _canonical_source(feats, dev, name: str) -> torch.Tensor:
-    """[N, D] canonical source on ``dev``: float64 stays float64; float32/16/bf16 go to float32
-    (exact); ints/bools go to float64 like the authors' np.array(..., float64). No copy when the
-    input already has that dtype, device and layout (a 60k x 4096 gallery is ~1 GB)."""
+def _row_chunk(d: int) -> int:
+    return max(1, _CHUNK_ELEMS // max(d, 1))
+
+
+def _canonical_source(feats, dev, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, D] canonical source on ``dev``, [N] float64 row norms). float64 stays float64;
+    float32/16/bf16 go to float32 (exact); ints/bools go to float64 like the authors'
+    np.array(..., float64). No copy when the input already has that dtype, device and layout
+    (a 60k x 4096 gallery is ~1 GB)."""
     x = _as_tensor(feats)
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
@@ -217,10 +222,16 @@ def _canonical_source(feats, dev, name: str) -> torch.Tensor:
     else:
         xc = x.to(device=dev, dtype=torch.float64)
     xc = xc.contiguous()
-    for s in range(0, xc.shape[0], _ROW_CHUNK):
-        if not bool(torch.isfinite(xc[s : s + _ROW_CHUNK]).all()):
-            raise ValueError(f"{name} contains NaN or infinite values")
-    return xc
+    step = _row_chunk(xc.shape[1])
+    norms = torch.cat([torch.linalg.vector_norm(xc[s : s + step], dim=1, dtype=torch.float64)
+                       for s in range(0, xc.shape[0], step)])
+    # a NaN or inf entry makes its row norm NaN or inf (float32 squares cannot overflow float64)
+    if not bool(torch.isfinite(norms).all()):
+        for s in range(0, xc.shape[0], step):
+            if not bool(torch.isfinite(xc[s : s + step]).all()):
+                raise ValueError(f"{name} contains NaN or infinite values")
+        raise ValueError(f"{name} are too large for float64 dot products")
+    return xc, norms
 
 
 def _label_array(labels, n: int, name: str, rows: str) -> np.ndarray:
@@ -231,15 +242,10 @@ def _label_array(labels, n: int, name: str, rows: str) -> np.ndarray:
     return lab
 
 
-def _row_norms(xc: torch.Tensor) -> torch.Tensor:
-    return torch.cat([torch.linalg.vector_norm(xc[s : s + _ROW_CHUNK].to(torch.float64), dim=1)
-                      for s in range(0, xc.shape[0], _ROW_CHUNK)])
-
-
 def _prepare(feats, labels, device, *, need_all_pairs: bool, gallery=None, gallery_labels=None,
              query_gallery_index=None) -> _Prep:
     dev = _resolve_device(feats, device)
-    qc = _canonical_source(feats, dev, "feats")
+    qc, qnorm = _canonical_source(feats, dev, "feats")
     nq_all, d = qc.shape
     lab_q = _label_array(labels, nq_all, "labels", "feats")
     loo = gallery is None
@@ -269,7 +275,7 @@ def _prepare(feats, labels, device, *, need_all_pairs: bool, gallery=None, galle
     else:
         if gallery_labels is None:
             raise ValueError("gallery_labels is required with a gallery")
-        gc = _canonical_source(gallery, dev, "gallery")
+        gc, gnorm = _canonical_source(gallery, dev, "gallery")
         if gc.shape[1] != d:
             raise ValueError(f"gallery has {gc.shape[1]} columns but feats has {d}: both must be [*, D]")
         lab_g = _label_array(gallery_labels, gc.shape[0], "gallery_labels", "gallery")
@@ -301,8 +307,8 @@ def _prepare(feats, labels, device, *, need_all_pairs: bool, gallery=None, galle
     r_np = r_all[qrow_np].astype(np.int64)
 
     # norms (float64) for the error bound
-    qnorm = _row_norms(qc)
-    gnorm = qnorm if loo else _row_norms(gc)
+    if loo:
+        gnorm = qnorm
     maxg = float(gnorm.max())
     maxnorm = max(maxg, float(qnorm.max()))
     if not math.isfinite(maxnorm * maxnorm) or maxnorm > 2.0**400:
@@ -597,16 +603,19 @@ def _recall_block(prep: _Prep, blk: _Block, kmax: int) -> torch.Tensor:
     pc = topi[pr, pk]
     fb = (need & ~complete).nonzero(as_tuple=True)[0]
     if fb.numel():  # list too short (near-ties, or n_i past the capped list): scan the full rows
-        sub = blk.A[fb]
-        hf, lf = hi[fb][:, None], lo[fb][:, None]
-        sub_above = sub > hf
-        # every item above hi, minus the positives above hi (the query's own column is -inf)
-        pos_above = (pos_valid[fb] & (pos_vals[fb] > hf)).sum(1)
-        count[fb] = sub_above.sum(1) - pos_above
-        fr, fc = ((sub >= lf) & ~sub_above).nonzero(as_tuple=True)
-        neg = prep.glab[fc] != blk.lab[fb[fr]]
-        pr = torch.cat([pr, fb[fr[neg]]])
-        pc = torch.cat([pc, fc[neg]])
+        step = _row_chunk(prep.ng)
+        for c0 in range(0, fb.numel(), step):
+            fc_rows = fb[c0 : c0 + step]
+            sub = blk.A[fc_rows]
+            hf, lf = hi[fc_rows][:, None], lo[fc_rows][:, None]
+            sub_above = sub > hf
+            # every item above hi, minus the positives above hi (the query's own column is -inf)
+            pos_above = (pos_valid[fc_rows] & (pos_vals[fc_rows] > hf)).sum(1)
+            count[fc_rows] = sub_above.sum(1) - pos_above
+            fr, fc = ((sub >= lf) & ~sub_above).nonzero(as_tuple=True)
+            neg = prep.glab[fc] != blk.lab[fc_rows[fr]]
+            pr = torch.cat([pr, fc_rows[fr[neg]]])
+            pc = torch.cat([pc, fc[neg]])
     if pr.numel():
         urows = torch.unique(pr)
         t = torch.full((B,), math.nan, dtype=torch.float64, device=dev)
@@ -677,7 +686,12 @@ def _map_fallback(prep: _Prep, blk: _Block, fb: torch.Tensor, v_r: torch.Tensor)
     sd, dev = prep.sdtype, prep.device
     F = fb.numel()
     thr = _round_down(v_r[fb] - 2.0 * blk.err[fb], sd)
-    fr, fc = (blk.A[fb] >= thr[:, None]).nonzero(as_tuple=True)
+    step = _row_chunk(prep.ng)
+    parts = [(blk.A[fb[c0 : c0 + step]] >= thr[c0 : c0 + step, None]).nonzero(as_tuple=False)
+             for c0 in range(0, F, step)]
+    offs = torch.tensor([c0 for c0 in range(0, F, step)], device=dev)
+    fr = torch.cat([p[:, 0] + offs[j] for j, p in enumerate(parts)])
+    fc = torch.cat([p[:, 1] for p in parts])
     s = _canonical_dot(prep.qc, blk.q[fb[fr]], prep.gc, fc)
     o = torch.argsort(fc, stable=True)
     o = o[torch.argsort(s[o], descending=True, stable=True)]
@@ -797,7 +811,7 @@ def recall_at_k(feats, labels, ks=DEFAULT_KS, *, gallery=None, gallery_labels=No
         that are both query and gallery, e.g. open-metric-learning CSVs); that row is left out of
         the query's ranking and R. Only with ``gallery``.
     device: torch device for the matmuls (default: feats' device if it is a tensor, else CPU).
-    block_size: query rows per block (default: from a 256 MB budget).
+    block_size: query rows per block (default: from a 128 MB budget).
     return_excluded: also return the number of excluded queries.
 
     Returns ``{K: R@K}`` with R@K a fraction in [0, 1] (not percent), or
