@@ -1,6 +1,7 @@
 """Retrieval metrics: the authors' Recall@K (SPEC §8.1) and MAP@R (SPEC §8.3), exact and blockwise.
 
-Definitions (query set = gallery set = all N rows, similarity = raw dot product, no normalisation):
+Definitions without a gallery (query set = gallery set = all N rows, each query left out of its
+own ranking; similarity = raw dot product, no normalisation):
 
 * **Recall@K** (``WAOCD/compute_recall_as_ms.py``). For query ``i``: ``P`` = the similarities to
   every item with the same label, *including i itself*; ``t_i`` = the second-largest value of ``P``
@@ -14,14 +15,24 @@ Definitions (query set = gallery set = all N rows, similarity = raw dot product,
   has no other item (``R_i = 0``) are skipped, as pytorch-metric-learning does; they still take
   part as gallery items.
 
+With a separate gallery (``gallery=[Ng, D]``, ``gallery_labels=[Ng]``; issue 15, In-Shop), the
+authors' rule carried over: ``t_i`` = the query's **largest** similarity to a same-label gallery
+item; hit@K iff fewer than K gallery items score strictly higher (ties favour the query).
+MAP@R ranks the gallery by (-similarity, gallery row), ``R_i`` = the number of same-label gallery
+items. Queries without any same-label gallery item are excluded from every metric and counted
+(``n_excluded_queries``). A query that is also a gallery row (``query_gallery_index``) is left out
+of its own ranking and of ``R_i``.
+
 Algorithm (one pass over blocks of query rows; the N x N matrix is never materialised):
 
-1. Rows are sorted by label (stable), so each row's same-label items are one contiguous column
-   range. Original indices are kept for the MAP@R tie-break.
-2. For each block of ``B`` query rows: one matmul ``A = X_b @ X^T`` (``B x N``, the *screening*
-   similarities) into a reused buffer, the self column set to ``-inf``, then one ``topk`` per row
-   with ``k = min(N-1, max(max(ks) + 2, max R_i in the block) + 8)``. Recall and MAP@R read the
-   same ``A`` and the same ``topk`` lists.
+1. Queries are processed in label order; gallery columns stay in their original order (so the
+   gallery features are never copied when they already have the screening dtype, and a column
+   index is the MAP@R tie-break). A stable label-sorted permutation of the gallery gives each
+   query's same-label items.
+2. For each block of ``B`` query rows: one matmul ``A = Q_b @ G^T`` (``B x Ng``, the *screening*
+   similarities) into a reused buffer, the query's own column set to ``-inf``, then one ``topk``
+   per row with ``k = min(Ng', max(min(max(ks), 64) + 2, max R_i in the block) + 8)``. Recall and
+   MAP@R read the same ``A`` and the same ``topk`` lists.
 3. Every *decision* (is ``s_ij > t_i``? which items form the top ``R_i``, in which order?) is taken
    on the **canonical similarity** ``s_ij``: the float64 dot product computed with a fixed pairwise
    summation (products ``x_ik * x_jk`` in float64, zero-padded to a power of two, then halves added
@@ -40,15 +51,18 @@ Algorithm (one pass over blocks of query rows; the N x N matrix is never materia
    2 is a safety factor). Thresholds are rounded *outwards* to the screening dtype, so comparing
    ``A`` with them is exact.
 
-   * Recall: ``t~_i``, the second-largest screening value of {self, top-2 screened positives}, is
-     within ``E_i/2`` of the canonical ``t_i`` (order statistics are 1-Lipschitz). With
+   * Recall: ``t~_i``, the second-largest screening value of {self, top-2 screened positives}
+     (with a gallery: the largest screened positive), is within ``E_i/2`` of the canonical
+     ``t_i`` (order statistics are 1-Lipschitz). With
      ``hi = up(t~ + 2E)`` and ``lo = down(t~ - 2E)``, ``A_ij > hi`` proves ``s_ij > t_i`` and
      ``A_ij < lo`` proves ``s_ij < t_i``. Different-label items in between are recomputed and
      compared with the canonical ``t_i``, itself computed (for those rows only) from ``s_ii`` and
-     every positive with screening value ``>= v2 - 2E`` (a superset of the true top two). The
+     every positive with screening value ``>= v2 - 2E`` (a superset of the true top two; with a
+     gallery ``>= v1 - 2E``, a superset of the true best). The
      ``topk`` list suffices when its last value is ``< lo`` (everything outside it is certainly
      below ``t_i``) or when it already holds ``>= max(ks)`` certain negatives (a miss at every K);
-     otherwise the row is scanned in full.
+     otherwise the row is scanned in full (all items above ``hi`` minus the positives above it;
+     the items in ``[lo, hi]`` rechecked), a few rows at a time.
    * MAP@R: each ``topk`` list is cut into clusters of consecutive values less than ``2E`` apart;
      across a wider gap the true order is certain. Items of multi-item clusters up to the one
      holding the ``R_i``-th entry are recomputed canonically; the row is sorted by (cluster,
@@ -77,11 +91,12 @@ For general floats, numpy's own float64 matmul differs between BLAS builds in th
 canonical order is one such float64 evaluation, and the two can only disagree on a pair whose
 similarities coincide to within a few float64 ulps (never observed on random data).
 
-Cost (``benchmarks/metrics_speed.py``, N = 60,000 random unit vectors, D = 512, ~11 per class,
-2 threads on a 2-core AMD EPYC shared with other jobs): 44-103 s per call depending on the load
-(sgemm ~ 22-45 s of it, topk ~ 4-9 s, the rest ~ 3 s); canonical rechecks ~ 1 per query. Peak
-extra memory ~ 0.42 GB: one ``B x N`` float32 block (<= 256 MB by default) + a float32 copy of
-the features sorted by label. Pure functions: arrays in, numbers out, no I/O.
+Cost: dominated by the screening matmul (``Nq * Ng * D`` multiply-adds) and one short ``topk``
+per query; figures beside pytorch-metric-learning's faiss k-NN in BENCHMARKS.md
+(``benchmarks/metrics_speed.py --suite``). Memory beyond the features themselves: one
+``B x Ng`` screening block (<= 128 MB by default), chunked temporaries of <= 2^22 elements, and a
+float32 copy only when the input is float64 (the CPU screening dtype is float32). Pure
+functions: arrays in, numbers out, no I/O.
 """
 from __future__ import annotations
 

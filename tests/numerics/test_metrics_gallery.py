@@ -171,6 +171,14 @@ def test_query_gallery_index_leaves_the_query_out():
         retrieval_metrics(X[qi], y[qi], gallery=X[gi], gallery_labels=y[gi], query_gallery_index=bad)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", sorted(TIE_HEAVY))
+def test_gallery_cuda_matches_cpu(name):
+    Q, yq, G, yg = TIE_HEAVY[name](2)
+    cpu = retrieval_metrics(Q, yq, gallery=G, gallery_labels=yg)
+    assert retrieval_metrics(Q, yq, gallery=G, gallery_labels=yg, device="cuda") == cpu
+
+
 def test_bad_gallery_input():
     Q, yq, G, yg = binary(0)
     with pytest.raises(ValueError, match="gallery_labels is required"):
