@@ -7,6 +7,7 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from cfga.registry.datasets import FORMATS, dataset_ks
 from cfga.registry.features import FEATURES, features_for
 
 validate(config, "../schemas/config.schema.yaml")
@@ -77,16 +78,12 @@ def synthetic_dir(dataset):
 
 
 def ingest_inputs(wildcards):
-    """Archive files of a dataset: the config's paths, or the synthetic rule's outputs."""
+    """Files (or folders) a dataset is read from: the config's paths, or the synthetic rule's outputs."""
     cfg = DATASETS[wildcards.dataset]
+    files = FORMATS[cfg["format"]].files
     if "synthetic" in cfg:
-        root = synthetic_dir(wildcards.dataset)
-        if cfg["format"] == "cub":
-            return {"archive": f"{root}/CUB_200_2011.tgz"}
-        return {"images_archive": f"{root}/car_ims.tgz", "annotations": f"{root}/cars_annos.mat"}
-    if cfg["format"] == "cub":
-        return {"archive": cfg["archive"]}
-    return {"images_archive": cfg["images_archive"], "annotations": cfg["annotations"]}
+        return {k: f"{synthetic_dir(wildcards.dataset)}/{name}" for k, name in files.items()}
+    return {k: cfg[k] for k in files}
 
 
 # Protocol a DML loss is evaluated with (the head it trains is the head that protocol reads).

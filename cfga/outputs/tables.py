@@ -18,6 +18,17 @@ from cfga.registry.losses import LOSSES
 METRIC_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("map@r",)
 
 
+def cell_ks(cell: Mapping) -> tuple[int, ...]:
+    """The K of the Recall@K a metrics record holds (each dataset has its own; cfga.registry.datasets)."""
+    return tuple(sorted(int(key[len("recall@"):]) for key in cell if key.startswith("recall@")))
+
+
+def metric_keys(cells: Sequence[Mapping]) -> tuple[str, ...]:
+    """Recall@K columns for every K any cell holds, ascending, then MAP@R."""
+    ks = sorted({k for c in cells for k in cell_ks(c)})
+    return tuple(f"recall@{k}" for k in ks) + ("map@r",)
+
+
 def read_cells(paths: Iterable[str | os.PathLike]) -> list[dict]:
     """Load every metrics JSON; → list of records (see ``cfga.cells.metrics_record``)."""
     cells = []
@@ -42,11 +53,13 @@ def pct(x: float) -> str:
 
 
 def long_rows(cells: Sequence[Mapping]) -> tuple[list[str], list[list]]:
-    """all_metrics.csv: one row per cell, every metric as a fraction."""
-    header = ["dataset", "model", "feature", "paper_column", "dim", "n_queries", *METRIC_KEYS]
+    """all_metrics.csv: one row per cell, every metric as a fraction; a Recall@K column for every K
+    of any dataset (``metrics.ks``), empty where a dataset does not report that K."""
+    keys = metric_keys(cells) if cells else METRIC_KEYS
+    header = ["dataset", "model", "feature", "paper_column", "dim", "n_queries", *keys]
     rows = [
         [c["dataset"], c["model"], c["feature"], FEATURES[c["feature"]].column, c["dim"], c["n_queries"],
-         *[f"{c[k]:.6f}" for k in METRIC_KEYS]]
+         *[f"{c[k]:.6f}" if k in c else "" for k in keys]]
         for c in sorted(cells, key=lambda c: (c["dataset"], c["model"], list(FEATURES).index(c["feature"])))
     ]
     return header, rows
