@@ -57,7 +57,7 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Seq
 # can stamp the current time into a member.
 _NPZ_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 _NPZ_MEMBER_MODE = 0o600 << 16
-_COPY_CHUNK = 8 * 2**20  # bytes per read when a .npy file is copied into an .npz
+_COPY_CHUNK = 2**20  # bytes per read when a .npy file is copied into an .npz
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray | Path]) -> None:
