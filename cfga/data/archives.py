@@ -241,6 +241,9 @@ def read_zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> b
     """The bytes of one zip member, CRC-checked; a damaged member raises DatasetError."""
     if info.is_dir() or zip_is_symlink(info):
         raise DatasetError(f"{path}: member {info.filename} is not a regular file; re-download the archive.")
+    if info.flag_bits & 0x1:
+        raise DatasetError(f"{path}: member {info.filename} is encrypted; unpack the archive with its password "
+                           "and give the unpacked folder instead (see README).")
     try:
         data = zf.read(info)
     except _ZIP_ERRORS as err:

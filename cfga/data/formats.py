@@ -288,7 +288,7 @@ def _verified(cfg: Mapping, fmt: str, what: Mapping[str, str]) -> dict[str, Path
                 raise DatasetError(f"dataset config (format {fmt}): {paths[k]} is a folder, an md5 applies to "
                                    f"the archive only; remove md5 {k}.")
             continue
-        if k in FORMATS[fmt].dirs and fmt != "sop":
+        if k in FORMATS[fmt].dirs and fmt in ("folder", "csv"):
             raise DatasetError(f"{desc} not found: {paths[k]} (a folder). Fix `{k}:` in the dataset config.")
         _require_file(paths[k], desc)
     for k, digest in md5.items():

@@ -5,7 +5,8 @@
 ``image_name item_id evaluation_status`` on line 2, then one image per line with status
 ``train``, ``query`` or ``gallery`` (25,882 / 14,218 / 12,612 images). Label = the item id's
 number (``id_00000001`` → 1), shared by an item's query and gallery images. Queries and gallery
-items are separate sets (manifest split ``test``, roles from the status).
+items are separate sets (manifest split ``test``, roles from the status). ``images_archive`` may
+also be the folder img.zip unpacks to (the one holding ``img/``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from cfga.data.archives import _safe_relpath, extract_zip_images
+from cfga.data.archives import _safe_relpath, copy_images, extract_zip_images
 from cfga.data.manifest import DatasetError, ManifestRow, _require_file, check_evaluable
 
 HEADER = ("image_name", "item_id", "evaluation_status")
@@ -68,11 +69,17 @@ def read_inshop(images_archive: str | os.PathLike, partition: str | os.PathLike
     """→ (manifest rows, a function extracting their images under a destination root)."""
     images_archive, partition = Path(images_archive), Path(partition)
     _require_file(partition, "Partition file")
-    _require_file(images_archive, "Image archive")
+    if not images_archive.is_dir():
+        _require_file(images_archive, "Image archive")
     try:
         text = partition.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DatasetError(f"{partition}: not a text file ({err}); re-download list_eval_partition.txt.") from None
     rows = parse_partition(text, str(partition))
     check_evaluable(rows, str(partition), "Re-download list_eval_partition.txt.")
+    if images_archive.is_dir():
+        if not (images_archive / "img").is_dir():
+            raise DatasetError(f"{images_archive}: no img/ folder in it; point `images_archive:` at img.zip or at "
+                               "the folder it unpacks to (the one holding img/).")
+        return rows, lambda dest: copy_images(images_archive, rows, dest)
     return rows, lambda dest: extract_zip_images(images_archive, rows, dest, "")

@@ -48,9 +48,9 @@ FORMATS: dict[str, DatasetFormat] = {
         # Stanford Online Products: the zip, or the folder it unpacks to.
         DatasetFormat("sop", files={"archive": "Stanford_Online_Products.zip"}, md5="single", ks=SOP_KS,
                       dirs=("archive",)),
-        # In-Shop Clothes Retrieval (DeepFashion): Img/img.zip and Eval/list_eval_partition.txt.
+        # In-Shop Clothes Retrieval (DeepFashion): Img/img.zip (or its folder) and Eval/list_eval_partition.txt.
         DatasetFormat("inshop", files={"images_archive": "img.zip", "partition": "list_eval_partition.txt"},
-                      md5="per_file", ks=INSHOP_KS),
+                      md5="per_file", ks=INSHOP_KS, dirs=("images_archive",)),
     ]
 }
 

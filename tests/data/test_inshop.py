@@ -88,3 +88,34 @@ def test_inshop_bad_inputs(tmp_path):
     z2, p2, _ = write_inshop(tmp_path / "nogal", [2], [(2, 0)])
     expect_fail(cfg(z2, p2), tmp_path, str(p2), "no test image is a gallery item")
     assert jpeg()  # the layouts module's images are real JPEGs
+
+
+def test_inshop_unpacked_folder_and_encrypted_zip(tmp_path):
+    z, part, _ = write_inshop(tmp_path / "inshop", TRAIN, TEST)
+    ref = ingest_dataset({"format": "inshop", "images_archive": str(z), "partition": str(part)},
+                         tmp_path / "a.csv", tmp_path / "ra")
+    with zipfile.ZipFile(z) as zf:
+        zf.extractall(tmp_path / "unpacked")
+    out = tmp_path / "b"
+    cfg = {"format": "inshop", "images_archive": str(tmp_path / "unpacked"), "partition": str(part)}
+    assert ingest_dataset(cfg, out / "m.csv", out / "root") == ref
+    assert (out / "m.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
+    expect_fail(dict(cfg, images_archive=str(tmp_path / "unpacked" / "img")), tmp_path, "no img/ folder")
+    # a password-protected zip: flag bit 0 set in the local and central headers of its images
+    enc = tmp_path / "enc.zip"
+    with zipfile.ZipFile(z) as zin, zipfile.ZipFile(enc, "w") as zout:
+        for i in zin.infolist():
+            data = zin.read(i)
+            i2 = zipfile.ZipInfo(i.filename)
+            zout.writestr(i2, data)
+    with zipfile.ZipFile(enc) as zf:  # set the flag in both headers of every image member
+        infos = [i for i in zf.infolist() if i.filename.endswith(".jpg")]
+    raw = bytearray(enc.read_bytes())
+    for i in infos:
+        raw[i.header_offset + 6] |= 1
+    pos = raw.find(b"PK\x01\x02")
+    while pos != -1:
+        raw[pos + 8] |= 1
+        pos = raw.find(b"PK\x01\x02", pos + 4)
+    enc.write_bytes(bytes(raw))
+    expect_fail(dict(cfg, images_archive=str(enc)), tmp_path, "encrypted", "unpacked folder")

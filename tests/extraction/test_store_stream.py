@@ -170,3 +170,19 @@ def test_image_that_no_longer_decodes_names_the_file_and_leaves_nothing(tmp_path
             extract_features(model, [paths[1], bad, paths[2]], "scda", batch_size=1, sink=w)
             w.finish([0, 0, 0], ["a", "b", "c"], {})
     assert list(out.iterdir()) == []
+
+
+def test_extraction_memory_benchmark_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "extraction_memory.py"
+    proc = subprocess.run([sys.executable, str(script), "--n", "40", "80", "--in-memory", "40", "--batch", "8",
+                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert [(r["mode"], r["n"]) for r in results] == [("stream", 40), ("stream", 80), ("in_memory", 40)]
+    assert all(r["file_bytes"] > r["n"] * r["row_bytes"] for r in results)
+    assert list(tmp_path.iterdir()) == []
