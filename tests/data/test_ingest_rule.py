@@ -1,0 +1,94 @@
+"""The four new formats through the workflow's own rules: ingest_dataset's manifests (counts,
+labels, splits, roles), the DAG's per-dataset K, and (with the gallery-aware metrics) one cell."""
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cfga.data.manifest import evaluation_rows, read_manifest
+from cfga.outputs.cells import metrics_record
+from tests.data.layouts import write_csv_table, write_folder, write_inshop, write_sop_zip
+
+pytestmark = pytest.mark.workflow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    cfg = workdir / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "1", *args, "--configfile", str(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _datasets(src: Path) -> dict:
+    folder = write_folder(src / "folder", {c: ["1.jpg", "2.jpg", "sub/3.png"] for c in ("d", "c", "b", "a")})
+    write_folder(src / "table_root", {"im": [f"{i}.jpg" for i in range(6)]})
+    table = write_csv_table(src / "df.csv", ["label", "path", "split", "is_query", "is_gallery"], [
+        [0, "im/0.jpg", "train", "", ""], [0, "im/1.jpg", "train", "", ""], [5, "im/2.jpg", "validation", "True", "False"],
+        [5, "im/3.jpg", "validation", "False", "True"], [6, "im/4.jpg", "validation", "False", "True"],
+        [6, "im/5.jpg", "validation", "True", "True"]])
+    sop = write_sop_zip(src / "Stanford_Online_Products.zip", [2, 3], [3, 2, 2])
+    img, part, _ = write_inshop(src / "inshop", [2, 2], [(1, 2), (2, 1)])
+    return {
+        "mine": {"format": "folder", "root": str(folder)},
+        "table": {"format": "csv", "table": str(table), "root": str(src / "table_root"), "metrics": {"ks": [1, 3]}},
+        "sop": {"format": "sop", "archive": str(sop)},
+        "inshop": {"format": "inshop", "images_archive": str(img), "partition": str(part)},
+    }
+
+
+def test_new_formats_through_the_ingest_rule(tmp_path):
+    config = {"datasets": _datasets(tmp_path / "src"),
+              "models": {"r50": {"arch": "resnet50", "protocol": "scda", "pretrain": {"epochs": 1}}}}
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    names = list(config["datasets"])
+    _snakemake(wd, config, *[f"results/manifests/{d}.csv" for d in names])
+    m = {d: read_manifest(wd / "results" / "manifests" / f"{d}.csv") for d in names}
+    for d in names:
+        assert all((wd / "results" / "datasets" / d / r.path).is_file() for r in m[d])
+        assert (wd / "logs" / "ingest" / f"{d}.log").is_file()
+    assert [(r.class_name, r.label, r.split) for r in m["mine"][::3]] == [
+        ("a", 0, "train"), ("b", 1, "train"), ("c", 2, "test"), ("d", 3, "test")]
+    assert [(r.is_query, r.is_gallery) for r in evaluation_rows(m["table"])] == [
+        (True, False), (False, True), (False, True), (True, True)]
+    assert [r.label for r in m["sop"]] == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 4, 4]
+    assert sum(r.is_query for r in m["inshop"]) == 3 and sum(r.is_gallery for r in m["inshop"]) == 3
+    with zipfile.ZipFile(config["datasets"]["sop"]["archive"]) as zf:
+        r = m["sop"][-1]
+        assert (wd / "results" / "datasets" / "sop" / r.path).read_bytes() == zf.read(f"Stanford_Online_Products/{r.path}")
+    # the whole DAG builds, each dataset with its own K (dry run)
+    proc = _snakemake(wd, config, "-n", "-p", "all")
+    assert "compute_metrics" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("is_query" not in inspect.signature(metrics_record).parameters,
+                    reason="needs the gallery-aware metrics_record (issue 15, metrics branch)")
+def test_inshop_cell_queries_against_its_gallery(tmp_path):
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), ckpt)
+    config = {"datasets": {"inshop": _datasets(tmp_path / "src")["inshop"]},
+              "models": {"r50": {"arch": "resnet50", "protocol": "scda", "checkpoint": str(ckpt)}},
+              "extraction": {"device": "cpu", "batch_size": 4}}
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    _snakemake(wd, config, "results/metrics/inshop/r50/pooling.json")
+    cell = json.loads((wd / "results" / "metrics" / "inshop" / "r50" / "pooling.json").read_text())
+    assert sorted(k for k in cell if k.startswith("recall@")) == sorted(f"recall@{k}" for k in (1, 10, 20, 30, 40, 50))
+    assert cell["n_queries"] == 3
