@@ -35,13 +35,13 @@ with rule_logging(sm) as log:
         resize = get_protocol(sm.params.protocol).resize
         sizes = [output_size(*peek_size(root / r.path), resize) for r in rows]
         take = shard_plan(sizes, ex["batch_size"], nshards)[shard]
-        log.info("shard %d of %d: %d of %d query/gallery images", shard, nshards, len(take), len(rows))
+        log.info("shard %d of %d: %d of %d test images", shard, nshards, len(take), len(rows))
         rows = [rows[i] for i in take]
     model = load_model(sm.params.arch, sm.params.protocol, sm.input.checkpoint,
                        device=ex.get("device", "auto"), allow_pickle=sm.params.allow_pickle,
                        format=sm.params.format)
     device = str(next(model.parameters()).device)
-    log.info("%s / %s: %d query/gallery images on %s, %d threads", sm.wildcards.dataset, sm.wildcards.model, len(rows),
+    log.info("%s / %s: %d test images (queries, gallery) on %s, %d threads", sm.wildcards.dataset, sm.wildcards.model, len(rows),
              device, torch.get_num_threads())
     meta = provenance(checkpoint=sm.input.checkpoint, manifest=sm.input.manifest, device=device,
                       extra={"arch": sm.params.arch, "protocol": sm.params.protocol})

@@ -76,19 +76,36 @@ def test_new_formats_through_the_ingest_rule(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif("is_query" not in inspect.signature(metrics_record).parameters,
                     reason="needs the gallery-aware metrics_record (issue 15, metrics branch)")
-def test_inshop_cell_queries_against_its_gallery(tmp_path):
+def test_inshop_beside_cub_through_all(tmp_path):
+    """`all` on In-Shop (queries against its gallery, K up to 50) beside a synthetic CUB (leave-one-out,
+    K up to 32): the cells, the long table with both K sets, the plots."""
+    import csv
+
+    import numpy as np
     import torch
     import torchvision
 
     torch.manual_seed(0)
     ckpt = tmp_path / "r50.pth"
     torch.save(torchvision.models.resnet50().state_dict(), ckpt)
-    config = {"datasets": {"inshop": _datasets(tmp_path / "src")["inshop"]},
+    config = {"datasets": {"inshop": _datasets(tmp_path / "src")["inshop"],
+                           "cub": {"format": "cub", "synthetic": {"classes": 4, "images_per_class": 4, "seed": 1}}},
               "models": {"r50": {"arch": "resnet50", "protocol": "scda", "checkpoint": str(ckpt)}},
-              "extraction": {"device": "cpu", "batch_size": 4}}
+              "extraction": {"device": "cpu", "batch_size": 4},
+              "tables": {"published": str(REPO / "paper" / "published_recall_at_1.csv")}}
     wd = tmp_path / "wd"
     wd.mkdir()
-    _snakemake(wd, config, "results/metrics/inshop/r50/pooling.json")
+    _snakemake(wd, config, "all")
+    z = np.load(wd / "results" / "features" / "inshop" / "r50.npz")
+    assert len(z["labels"]) == 6  # 3 queries + 3 gallery images, each once
     cell = json.loads((wd / "results" / "metrics" / "inshop" / "r50" / "pooling.json").read_text())
-    assert sorted(k for k in cell if k.startswith("recall@")) == sorted(f"recall@{k}" for k in (1, 10, 20, 30, 40, 50))
+    assert sorted(int(k[7:]) for k in cell if k.startswith("recall@")) == [1, 10, 20, 30, 40, 50]
     assert cell["n_queries"] == 3
+    cub = json.loads((wd / "results" / "metrics" / "cub" / "r50" / "pooling.json").read_text())
+    assert sorted(int(k[7:]) for k in cub if k.startswith("recall@")) == [1, 2, 4, 8, 16, 32]
+    with open(wd / "results" / "tables" / "all_metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [k for k in rows[0] if k.startswith("recall@")] == [f"recall@{k}" for k in (1, 2, 4, 8, 10, 16, 20, 30, 32,
+                                                                                      40, 50)]
+    assert all((r["recall@10"] == "") == (r["dataset"] == "cub") for r in rows)
+    assert all((wd / "results" / "plots" / f"recall_at_k_{d}.png").stat().st_size > 1000 for d in ("cub", "inshop"))
