@@ -21,7 +21,7 @@ from cfga.extraction.batching import size_buckets
 from cfga.registry.features import FEATURES
 
 META_KEY = "meta_json"
-ROWS_KEY = "rows"  # shard files only: manifest test-row index of each row
+ROWS_KEY = "rows"  # shard files only: index of each row among the manifest's evaluated (query or gallery) rows
 
 
 def provenance(*, checkpoint: str | None, manifest: str | None, device: str, extra: Mapping | None = None) -> dict:
@@ -279,7 +279,7 @@ def gather_shards(
     """Join shard files into one feature file, rows in manifest order; → number of rows.
 
     Checks that the shards' rows tile ``0 … N-1`` exactly once, that they agree on features,
-    dimensions and provenance, and (``expected_paths``: the manifest's test paths) on the images.
+    dimensions and provenance, and (``expected_paths``: the paths of the manifest's evaluated rows) on the images.
     The output has the bytes an unsharded extraction writes: same arrays, order, dtypes, meta.
     """
     parts = []
