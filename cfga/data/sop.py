@@ -55,6 +55,13 @@ def parse_ebay_list(text: str, source: str, split: str) -> list[ManifestRow]:
     return rows
 
 
+def _text(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{source}: not a text file ({err}); re-download the archive.") from None
+
+
 def _combine(parts: dict[str, tuple[str, list[ManifestRow]]]) -> list[ManifestRow]:
     rows = parts["train"][1] + parts["test"][1]
     seen: set[str] = set()
@@ -89,7 +96,7 @@ def read_sop(archive: str | os.PathLike) -> tuple[list[ManifestRow], Callable[[s
             p = root / name
             if not p.is_file():
                 raise DatasetError(f"{root}: {name} is missing; re-download the archive.")
-            parts[split] = (str(p), parse_ebay_list(p.read_text(encoding="utf-8"), str(p), split))
+            parts[split] = (str(p), parse_ebay_list(_text(p.read_bytes(), str(p)), str(p), split))
         rows = _combine(parts)
         return rows, lambda dest: copy_images(root, rows, dest)
     with open_zip(archive) as zf:
@@ -105,6 +112,6 @@ def read_sop(archive: str | os.PathLike) -> tuple[list[ManifestRow], Callable[[s
             if info is None:
                 raise DatasetError(f"{archive}: {prefix + name} is missing; re-download the archive.")
             src = f"{archive}:{prefix}{name}"
-            parts[split] = (src, parse_ebay_list(read_zip_member(zf, info, archive).decode("utf-8"), src, split))
+            parts[split] = (src, parse_ebay_list(_text(read_zip_member(zf, info, archive), src), src, split))
     rows = _combine(parts)
     return rows, lambda dest: extract_zip_images(archive, rows, dest, prefix)

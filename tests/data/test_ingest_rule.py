@@ -109,3 +109,14 @@ def test_inshop_beside_cub_through_all(tmp_path):
                                                                                       40, 50)]
     assert all((r["recall@10"] == "") == (r["dataset"] == "cub") for r in rows)
     assert all((wd / "results" / "plots" / f"recall_at_k_{d}.png").stat().st_size > 1000 for d in ("cub", "inshop"))
+
+
+@pytest.mark.parametrize("name,ks", [("configs/sop.yaml", (1, 10, 100, 1000)), ("configs/inshop.yaml", (1, 10, 20, 30, 40, 50))])
+def test_sop_and_inshop_configs_validate(name, ks):
+    from snakemake.utils import validate
+
+    from cfga.registry.datasets import dataset_ks
+
+    cfg = yaml.safe_load((REPO / name).read_text())
+    validate(cfg, str(REPO / "schemas" / "config.schema.yaml"))
+    assert [dataset_ks(d) for d in cfg["datasets"].values()] == [ks]
