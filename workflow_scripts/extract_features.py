@@ -41,7 +41,7 @@ with rule_logging(sm) as log:
                        device=ex.get("device", "auto"), allow_pickle=sm.params.allow_pickle,
                        format=sm.params.format)
     device = str(next(model.parameters()).device)
-    log.info("%s / %s: %d test images (queries, gallery) on %s, %d threads", sm.wildcards.dataset, sm.wildcards.model, len(rows),
+    log.info("%s / %s: %d test images on %s, %d threads", sm.wildcards.dataset, sm.wildcards.model, len(rows),
              device, torch.get_num_threads())
     meta = provenance(checkpoint=sm.input.checkpoint, manifest=sm.input.manifest, device=device,
                       extra={"arch": sm.params.arch, "protocol": sm.params.protocol})

@@ -109,6 +109,14 @@ class FeatureWriter:
         self.path, self.n = Path(path), int(n)
         self._dir: Path | None = None
         self._parts: dict[str, dict] = {}
+        # A job killed outright (SIGKILL, power loss) cannot delete its parts or its half-packed
+        # file; the next writer of the same output (Snakemake runs one at a time) does.
+        for stale in (*self.path.parent.glob(f".{self.path.name}.*.parts"),
+                      *self.path.parent.glob(f".{self.path.name}.*.tmp.npz")):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
     def __enter__(self) -> "FeatureWriter":
         return self

@@ -186,3 +186,15 @@ def test_extraction_memory_benchmark_runs(tmp_path):
     assert [(r["mode"], r["n"]) for r in results] == [("stream", 40), ("stream", 80), ("in_memory", 40)]
     assert all(r["file_bytes"] > r["n"] * r["row_bytes"] for r in results)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_a_killed_writer_are_removed_by_the_next(tmp_path):
+    target = tmp_path / "f.npz"
+    (tmp_path / ".f.npz.abc123.parts").mkdir()
+    (tmp_path / ".f.npz.abc123.parts" / "pooling.npy").write_bytes(b"\0" * 100)
+    (tmp_path / ".f.npz.xyz.tmp.npz").write_bytes(b"PK")
+    (tmp_path / ".other.npz.abc.parts").mkdir()  # another output's: kept
+    with FeatureWriter(target, 1) as w:
+        w.write("pooling", [0], np.ones((1, 4096), np.float32))
+        w.finish([0], ["a.jpg"], {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.npz.abc.parts", "f.npz"]
