@@ -115,6 +115,17 @@ def _check_models():
 _check_models()
 
 
+def _check_datasets():
+    for name, cfg in DATASETS.items():
+        try:
+            dataset_ks(cfg, name)
+        except ValueError as err:
+            raise WorkflowError(str(err)) from None
+
+
+_check_datasets()
+
+
 def checkpoint_path(dataset, model):
     """Weights file of a model on a dataset: the config's file, or what the pipeline trains."""
     cfg = MODELS[model]

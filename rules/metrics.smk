@@ -10,7 +10,7 @@ rule compute_metrics:
         metrics="results/metrics/{dataset}/{model}/{feature}.json",
     params:
         device=config["metrics"]["device"],
-        ks=lambda wc: list(dataset_ks(DATASETS[wc.dataset])),
+        ks=lambda wc: list(dataset_ks(DATASETS[wc.dataset], wc.dataset)),
     log:
         "logs/metrics/{dataset}/{model}/{feature}.log",
     script:

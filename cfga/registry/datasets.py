@@ -68,12 +68,12 @@ def file_keys(name: str) -> tuple[str, ...]:
     return tuple(get_format(name).files)
 
 
-def dataset_ks(cfg: Mapping) -> tuple[int, ...]:
+def dataset_ks(cfg: Mapping, name: str = "<name>") -> tuple[int, ...]:
     """The K of Recall@K for a dataset config: its ``metrics.ks``, else its format's default."""
     ks = (cfg.get("metrics") or {}).get("ks")
     if ks is None:
         return get_format(cfg["format"]).ks
     ks = tuple(int(k) for k in ks)
     if not ks or any(k < 1 for k in ks) or list(ks) != sorted(set(ks)):
-        raise ValueError(f"metrics.ks must be increasing positive integers, got {list(ks)}")
+        raise ValueError(f"config: datasets.{name}.metrics.ks must be increasing positive integers, got {list(ks)}")
     return ks
