@@ -1,6 +1,10 @@
 # cfga: raw archives → manifests → features → Recall@K / MAP@R → paper tables.
 # Thin on purpose: config + validation and target lists live in rules/common.smk.
 
+from snakemake.utils import min_version
+
+min_version("9.0")
+
 # The embedded default, unless a config was given (`--configfile configs/paper.yaml`): merging
 # the two would add the synthetic datasets to a real run.
 if not config.get("datasets"):

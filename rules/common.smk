@@ -1,42 +1,57 @@
-# Config validation and target lists. Everything the rules need to know about datasets,
-# models and features comes from here (features from cfga.registry.features).
+# Config validation, target lists, and what each rule reads of the config. Everything the rules
+# need to know about datasets, models and features comes from here (facts from cfga.registry).
 
 import os
 import re
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from cfga.registry.datasets import FORMATS, dataset_ks
+from cfga.registry.datasets import dataset_ks, get_format
 from cfga.registry.features import FEATURES, features_for
+from cfga.registry.losses import LOSSES
+from cfga.workflow.locks import guard_run
 
+# The schema is the only source of defaults: validate fills them in. Nothing below writes to
+# `config`; what is derived from it is read through the functions here.
 validate(config, "../schemas/config.schema.yaml")
-config.setdefault("extraction", {})
-config["extraction"].setdefault("device", "auto")
-config["extraction"].setdefault("batch_size", 8)
-config.setdefault("metrics", {}).setdefault("device", "cpu")
-config.setdefault("tables", {}).setdefault("published", "paper/published_recall_at_1.csv")
-# A relative `published` path that is not in the working directory (a run with --directory
-# elsewhere) is the repository's file.
-if not os.path.isabs(config["tables"]["published"]) and not os.path.exists(config["tables"]["published"]):
-    _shipped = os.path.join(workflow.basedir, config["tables"]["published"])
-    if os.path.exists(_shipped):
-        config["tables"]["published"] = _shipped
 
 DATASETS = config["datasets"]
 MODELS = config["models"]
 
-# Extraction shards per dataset: `datasets.<name>.extraction_shards`, else the global
-# `extraction_shards` (default 1: one job per (dataset, model), no shard files). Taken out of the
-# dataset's config, so that sharding never changes the params of synthesis, ingestion or tables.
-SHARDS = {
-    name: cfg.pop("extraction_shards", config.get("extraction_shards", 1)) for name, cfg in DATASETS.items()
-}
 
+def published_table():
+    """`tables.published`; a relative path that is not in the working directory (a run with
+    --directory elsewhere) is the repository's file."""
+    path = config["tables"]["published"]
+    if not os.path.isabs(path) and not os.path.exists(path):
+        shipped = os.path.join(workflow.basedir, path)
+        if os.path.exists(shipped):
+            return shipped
+    return path
+
+
+def shards(dataset):
+    """Extraction jobs per (dataset, model): `datasets.<name>.extraction_shards`, else the global
+    `extraction_shards` (1: one job, no shard files)."""
+    return DATASETS[dataset].get("extraction_shards", config["extraction_shards"])
+
+
+SHARDED = [d for d in DATASETS if shards(d) > 1]
+
+
+def name_pattern(names):
+    return "|".join(map(re.escape, names)) or "^$"
+
+
+def shard_files(wildcards):
+    n = shards(wildcards.dataset)
+    return [f"results/features/{wildcards.dataset}/shards/{wildcards.model}.{i}-of-{n}.npz" for i in range(n)]
 
 wildcard_constraints:
-    dataset="|".join(map(re.escape, DATASETS)) or "^$",
-    model="|".join(map(re.escape, MODELS)) or "^$",
+    dataset=name_pattern(DATASETS),
+    model=name_pattern(MODELS),
     feature="|".join(FEATURES),
 
 
@@ -77,17 +92,29 @@ def synthetic_dir(dataset):
     return f"resources/synthetic/{dataset}"
 
 
+def synthetic_file(fmt, key):
+    """Where the synthesize rule writes file `key` of format `fmt` (the published file name)."""
+    return f"resources/synthetic/{{dataset}}/{get_format(fmt).files[key]}"
+
+
 def ingest_inputs(wildcards):
-    """Files (or folders) a dataset is read from: the config's paths, or the synthetic rule's outputs."""
+    """Files of a dataset's format: the config's paths, or the synthetic rule's outputs."""
     cfg = DATASETS[wildcards.dataset]
-    files = FORMATS[cfg["format"]].files
+    files = get_format(cfg["format"]).files
     if "synthetic" in cfg:
-        return {k: f"{synthetic_dir(wildcards.dataset)}/{name}" for k, name in files.items()}
-    return {k: cfg[k] for k in files}
+        return {key: f"{synthetic_dir(wildcards.dataset)}/{name}" for key, name in files.items()}
+    return {key: cfg[key] for key in files}
 
 
-# Protocol a DML loss is evaluated with (the head it trains is the head that protocol reads).
-LOSS_PROTOCOL = {"ms": "ms", "cosface": "ms", "arcface": "ms", "proxy_anchor": "proxy_anchor"}
+def synthetic_settings(wildcards):
+    return DATASETS[wildcards.dataset]["synthetic"]
+
+
+def ingest_settings(wildcards):
+    """What ingestion reads of a dataset's config besides its files: the format, md5s and (class
+    folders) the split."""
+    cfg = DATASETS[wildcards.dataset]
+    return {k: cfg[k] for k in ("format", "md5", "split") if k in cfg}
 
 
 def _check_models():
@@ -101,7 +128,7 @@ def _check_models():
             raise WorkflowError(f"config: models.{name}.train.from names unknown model {src!r}")
         if MODELS[src]["arch"] != cfg["arch"]:
             raise WorkflowError(f"config: models.{name} (arch {cfg['arch']}) trains from {src} (arch {MODELS[src]['arch']})")
-        want = LOSS_PROTOCOL[train["loss"]]
+        want = LOSSES[train["loss"]].protocol
         if cfg["protocol"] != want:
             raise WorkflowError(
                 f"config: models.{name}: a {train['loss']} checkpoint is evaluated with protocol {want}, "
@@ -143,3 +170,13 @@ def checkpoint_for(wildcards):
 def backbone_for(wildcards):
     """The checkpoint a trained model starts from (its `train.from` model, same dataset)."""
     return checkpoint_path(wildcards.dataset, MODELS[wildcards.model]["train"]["from"])
+
+
+# A run killed with SIGKILL (or a power loss) leaves Snakemake's locks behind. They are removed
+# here only when they provably belong to dead runs of this host (cfga.workflow.locks); otherwise
+# Snakemake's own lock check stops a run that needs the locked files, and `snakemake --unlock`
+# is the user's call.
+if workflow.is_main_process:
+    _locks = guard_run(".snakemake")
+    if _locks is not None and _locks.message:
+        print(_locks.message, file=sys.stderr)

@@ -1,12 +1,14 @@
 # Raw archives → manifest + extracted images. Synthetic datasets are first written as archives
-# in the real formats, so both go through the same ingestion.
+# in the real formats (file names: cfga.registry.datasets), so both go through the same ingestion.
+# Each rule's params are only what its script reads, so no other config key reruns it.
 
 
 rule synthesize_cub:
     output:
-        archive="resources/synthetic/{dataset}/CUB_200_2011.tgz",
+        archive=synthetic_file("cub", "archive"),
     params:
-        cfg=lambda wc: DATASETS[wc.dataset],
+        format="cub",
+        synthetic=synthetic_settings,
     log:
         "logs/synthesize/{dataset}.log",
     script:
@@ -15,10 +17,11 @@ rule synthesize_cub:
 
 rule synthesize_cars:
     output:
-        images_archive="resources/synthetic/{dataset}/car_ims.tgz",
-        annotations="resources/synthetic/{dataset}/cars_annos.mat",
+        images_archive=synthetic_file("cars", "images_archive"),
+        annotations=synthetic_file("cars", "annotations"),
     params:
-        cfg=lambda wc: DATASETS[wc.dataset],
+        format="cars",
+        synthetic=synthetic_settings,
     log:
         "logs/synthesize/{dataset}.log",
     script:
@@ -32,8 +35,7 @@ rule ingest_dataset:
         manifest="results/manifests/{dataset}.csv",
         root=directory("results/datasets/{dataset}"),
     params:
-        # without `metrics:` (the K of Recall@K): changing them reruns the cells, not the ingestion
-        cfg=lambda wc: {k: v for k, v in DATASETS[wc.dataset].items() if k != "metrics"},
+        settings=ingest_settings,
     log:
         "logs/ingest/{dataset}.log",
     benchmark:

@@ -1,15 +1,20 @@
 # Aggregated outputs a person looks at: paper-layout tables, the long table, recall@K plots.
 #
-# The tables' layout is cfga/tables.py, the columns of cfga/features.py and the writers of
-# cfga/io.py (params `code`, see code_digest in features.smk), make_tables.py (script mtime),
-# the published values (input) and the datasets' and models' config (params): a change to any of
-# them reruns the tables alone.
+# The tables depend on the code make_tables.py imports (params `code`: cfga.outputs.tables, the
+# feature and loss registries, cfga.files; cfga.workflow.fingerprint), make_tables.py (script
+# mtime), the published values (input) and the few dataset and model keys they show (params,
+# cfga.outputs.tables.table_config): a change to any of them reruns the tables alone.
+
+from cfga.outputs.tables import table_config
+from cfga.workflow.fingerprint import tables_fingerprint
+
+_TABLE_DATASETS, _TABLE_MODELS = table_config(DATASETS, MODELS)
 
 
 rule tables:
     input:
         metrics=metric_targets(),
-        published=config["tables"]["published"],
+        published=published_table(),
     output:
         **{
             f"{t}_{ext}": report(f"results/tables/{t}.{ext}", category="Tables", caption=f"../report/{t}.rst")
@@ -18,10 +23,10 @@ rule tables:
         },
         long=report("results/tables/all_metrics.csv", category="Tables", caption="../report/all_metrics.rst"),
     params:
-        datasets=DATASETS,
-        models=MODELS,
+        datasets=_TABLE_DATASETS,
+        models=_TABLE_MODELS,
         tables=TABLE_NAMES,
-        code=code_digest(("outputs/tables.py", "registry/features.py", "files.py")),
+        code=tables_fingerprint([os.path.join(workflow.basedir, "workflow_scripts", "make_tables.py")]),
     log:
         "logs/tables/tables.log",
     script:

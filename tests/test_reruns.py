@@ -202,14 +202,14 @@ def test_changed_checkpoint_reruns_only_that_model(wf, tmp_path):
 @workflow
 def test_table_layout_change_reruns_only_tables(wf, tmp_path):
     src = workflow_copy(tmp_path / "workflow", wf["src"])
-    edit(src / "cfga/tables.py", None, "\n_RERUN_TEST_LAYOUT = 1\n")
+    edit(src / "cfga/outputs/tables.py", None, "\n_RERUN_TEST_LAYOUT = 1\n")
     jobs = planned(smk(wf["wd"], "-n", "all", config=R1, src=src))
     assert counts(jobs) == {"tables": 1}, jobs
     assert "Params have changed" in jobs[0]["reason"]
 
     # a column renamed in the feature registry: tables only (extraction reads names and dims, not columns)
     src2 = workflow_copy(tmp_path / "workflow2", wf["src"])
-    edit(src2 / "cfga/features.py", 'Feature("cfga_plus", 1024, "CFGA+"', 'Feature("cfga_plus", 1024, "CFGA plus"')
+    edit(src2 / "cfga/registry/features.py", 'Feature("cfga_plus", 1024, "CFGA+"', 'Feature("cfga_plus", 1024, "CFGA plus"')
     jobs = planned(smk(wf["wd"], "-n", "all", config=R1, src=src2))
     assert counts(jobs) == {"tables": 1}, jobs
 
@@ -218,18 +218,31 @@ def test_table_layout_change_reruns_only_tables(wf, tmp_path):
     cfg["models"]["r50"]["paper"] = "resnet50_imagenet"
     jobs = planned(smk(wf["wd"], "-n", "all", config=cfg, src=wf["src"], name="paper.yaml"))
     assert counts(jobs) == {"tables": 1}, jobs
+    # ... and a dataset's (synthesis and ingestion read only their own keys)
+    cfg["datasets"]["r_cub"]["paper"] = "cub"
+    jobs = planned(smk(wf["wd"], "-n", "all", config=cfg, src=wf["src"], name="paper.yaml"))
+    assert counts(jobs) == {"tables": 1}, jobs
+
+
+@workflow
+def test_keys_a_job_does_not_read_rerun_nothing(wf):
+    cfg = copy.deepcopy(R1)
+    cfg["datasets"]["r_cub"]["extraction_shards"] = 1  # the default, spelled out
+    cfg["metrics"] = {"device": "cpu"}  # the default
+    cfg["models"]["r50"]["allow_pickle"] = False  # the default
+    assert nothing_to_do(smk(wf["wd"], "-n", "all", config=cfg, src=wf["src"], name="keys.yaml"))
 
 
 @workflow
 def test_feature_code_change_reextracts(wf, tmp_path):
     src = workflow_copy(tmp_path / "workflow", wf["src"])
     # comments and docstrings are not code: nothing reruns
-    edit(src / "cfga/extract.py", None, "\n# a comment only\n")
-    edit(src / "cfga/gradients.py", '"""', '"""(an edited docstring) ')
+    edit(src / "cfga/extraction/pipeline.py", None, "\n# a comment only\n")
+    edit(src / "cfga/numerics/gradients.py", '"""', '"""(an edited docstring) ')
     assert nothing_to_do(smk(wf["wd"], "-n", "all", config=R1, src=src))
 
     # a code change re-extracts every (dataset, model), hence every cell, the tables and plots
-    edit(src / "cfga/extract.py", None, "\n_RERUN_TEST_CONSTANT = 1\n")
+    edit(src / "cfga/extraction/pipeline.py", None, "\n_RERUN_TEST_CONSTANT = 1\n")
     jobs = planned(smk(wf["wd"], "-n", "all", config=R1, src=src))
     assert counts(jobs) == {"extract_features": 3, "compute_metrics": 2 * SCDA_FEATURES + MS_FEATURES,
                             "tables": 1, "recall_plot": 2}, jobs

@@ -8,8 +8,6 @@ from _common import rule_logging
 from cfga.data.formats import ingest_dataset
 
 with rule_logging(snakemake) as log:  # noqa: F821
-    cfg = dict(snakemake.params.cfg)  # noqa: F821
-    cfg.pop("synthetic", None)
-    cfg.update({k: v for k, v in snakemake.input.items()})  # noqa: F821
+    cfg = {**snakemake.params.settings, **dict(snakemake.input.items())}  # noqa: F821
     ingest_dataset(cfg, snakemake.output.manifest, snakemake.output.root)  # noqa: F821
     log.info("manifest %s", snakemake.output.manifest)  # noqa: F821

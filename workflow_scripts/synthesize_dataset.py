@@ -9,5 +9,6 @@ from cfga.data.synthetic import synthesize
 
 with rule_logging(snakemake) as log:  # noqa: F821
     out_dir = Path(snakemake.output[0]).parent  # noqa: F821
-    written = synthesize(snakemake.params.cfg, out_dir)  # noqa: F821
+    cfg = {"format": snakemake.params.format, "synthetic": snakemake.params.synthetic}  # noqa: F821
+    written = synthesize(cfg, out_dir)
     log.info("wrote %s", written)

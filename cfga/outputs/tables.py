@@ -111,6 +111,22 @@ def model_family(mcfg: Mapping) -> str:
     return {"proxy_anchor": "proxy_anchor", "dgpcrl": "dgpcrl"}.get(mcfg["protocol"], "msloss")
 
 
+# What the tables read of a dataset's and a model's config (the rest is not a table setting).
+_DATASET_KEYS = ("paper",)
+_MODEL_KEYS = ("protocol", "family", "paper")
+
+
+def table_config(datasets: Mapping[str, Mapping], models: Mapping[str, Mapping]) -> tuple[dict, dict]:
+    """(datasets, models) reduced to what :func:`paper_table` reads, in config order: the tables
+    rule's params, so that a setting the tables do not show does not rerun them."""
+    ds = {d: {**({"synthetic": True} if "synthetic" in c else {}), **{k: c[k] for k in _DATASET_KEYS if k in c}}
+          for d, c in datasets.items()}
+    ms = {m: {**{k: c[k] for k in _MODEL_KEYS if k in c},
+              **({"train": {"loss": c["train"]["loss"]}} if "train" in c else {})}
+          for m, c in models.items()}
+    return ds, ms
+
+
 def _feature_for(column: str, protocol: str) -> str:
     return "scda" if column == "embedding" and protocol == "scda" else column
 
