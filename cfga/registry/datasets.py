@@ -26,21 +26,23 @@ class DatasetFormat:
     ``"single"`` (one md5 string, for the one file), ``"per_file"`` (a mapping from some of the
     ``files`` keys to md5 strings) or ``"none"`` (a folder: nothing to check);
     ks: the K of Recall@K reported by default (config ``datasets.<name>.metrics.ks`` overrides);
-    dirs: ``files`` keys that may (or must) name a directory rather than a file."""
+    dirs: ``files`` keys that may (or must) name a directory rather than a file;
+    synthetic: whether ``cfga.data.synthetic`` writes offline stand-ins in this format."""
 
     name: str
     files: dict[str, str | None]
     md5: str
     ks: tuple[int, ...] = RECALL_KS
     dirs: tuple[str, ...] = field(default=())
+    synthetic: bool = False
 
 
 FORMATS: dict[str, DatasetFormat] = {
     f.name: f
     for f in [
-        DatasetFormat("cub", files={"archive": "CUB_200_2011.tgz"}, md5="single"),
+        DatasetFormat("cub", files={"archive": "CUB_200_2011.tgz"}, md5="single", synthetic=True),
         DatasetFormat("cars", files={"images_archive": "car_ims.tgz", "annotations": "cars_annos.mat"},
-                      md5="per_file"),
+                      md5="per_file", synthetic=True),
         # One sub-directory per class (torchvision ImageFolder layout).
         DatasetFormat("folder", files={"root": None}, md5="none", dirs=("root",)),
         # open-metric-learning's table: label,path,split[,is_query,is_gallery], paths under root.

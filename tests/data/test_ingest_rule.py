@@ -124,3 +124,21 @@ def test_sop_and_inshop_configs_validate(name, ks):
     cfg = yaml.safe_load((REPO / name).read_text())
     validate(cfg, str(REPO / "schemas" / "config.schema.yaml"))
     assert [dataset_ks(d) for d in cfg["datasets"].values()] == [ks]
+
+
+@pytest.mark.parametrize("fmt", ["cub", "cars", "folder", "csv", "sop", "inshop"])
+def test_schema_knows_every_format_and_allows_synthetic_only_with_a_writer(fmt):
+    from snakemake.utils import validate
+
+    from cfga.registry.datasets import FORMATS
+
+    schema = str(REPO / "schemas" / "config.schema.yaml")
+    model = {"r50": {"arch": "resnet50", "protocol": "scda", "checkpoint": "x.pth"}}
+    real = {"format": fmt, **{k: f"path/{k}" for k in FORMATS[fmt].files}}
+    validate({"datasets": {"d": real}, "models": model}, schema)
+    synthetic = {"datasets": {"d": {"format": fmt, "synthetic": {"classes": 4, "images_per_class": 4}}}, "models": model}
+    if FORMATS[fmt].synthetic:
+        validate(synthetic, schema)
+    else:
+        with pytest.raises(Exception):
+            validate(synthetic, schema)
