@@ -262,7 +262,9 @@ def _cfg_path(cfg: Mapping, key: str, fmt: str) -> Path:
 
 def _md5s(cfg: Mapping, fmt: str) -> dict[str, str]:
     """The config's md5 entries as {file key: md5}, checked against the format's md5 style."""
-    md5, kind, keys = cfg.get("md5"), FORMATS[fmt].md5, list(FORMATS[fmt].files)
+    f = FORMATS[fmt]
+    # a folder of one's own (no published name) has no checksum; an archive that may be unpacked does
+    md5, kind, keys = cfg.get("md5"), f.md5, [k for k in f.files if not (k in f.dirs and f.files[k] is None)]
     if md5 is None:
         return {}
     if kind == "none":

@@ -77,3 +77,15 @@ def test_csv_bad_inputs(tmp_path):
     t = write_csv_table(tmp_path / "l.csv", ["label", "path", "split"], [[0, "items/7.jpg", "test"], [0, "items/1.jpg", "test"]])
     expect_fail(cfg(t), tmp_path, str(root / "items" / "7.jpg"), "not a readable image")
     expect_fail({"format": "csv", "table": str(tmp_path / "missing.csv"), "root": str(root)}, tmp_path, "missing.csv")
+
+
+def test_csv_md5_is_for_the_table_only(tmp_path):
+    from cfga.files import md5_file
+
+    root = _images(tmp_path / "data")
+    t = write_csv_table(tmp_path / "t.csv", ["label", "path", "split"], [["0", "items/0.jpg", "test"],
+                                                                          ["0", "items/1.jpg", "test"]])
+    cfg = {"format": "csv", "table": str(t), "root": str(root)}
+    assert len(ingest_dataset(dict(cfg, md5={"table": md5_file(t)}), tmp_path / "m.csv", tmp_path / "r")) == 2
+    expect_fail(dict(cfg, md5={"root": "0" * 32}), tmp_path, "md5", "table")
+    expect_fail(dict(cfg, md5={"table": "0" * 32}), tmp_path, "md5 mismatch", str(t))
