@@ -123,6 +123,16 @@ MD5_CASES = [
     ("cars", MD5, False),
     ("cars", {"archive": MD5}, False),
     ("cars", {"images_archive": "short"}, False),
+    ("sop", MD5, True),
+    ("sop", {"archive": MD5}, False),
+    ("inshop", {"images_archive": MD5, "partition": MD5}, True),
+    ("inshop", {"partition": MD5}, True),
+    ("inshop", MD5, False),
+    ("csv", {"table": MD5}, True),
+    ("csv", {"root": MD5}, False),
+    ("csv", MD5, False),
+    ("folder", MD5, False),
+    ("folder", {"root": MD5}, False),
 ]
 
 
