@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -56,13 +57,16 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Seq
 # can stamp the current time into a member.
 _NPZ_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 _NPZ_MEMBER_MODE = 0o600 << 16
+_COPY_CHUNK = 2**20  # bytes per read when a .npy file is copied into an .npz
 
 
-def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray | Path]) -> None:
     """Write an uncompressed ``.npz`` atomically and byte-deterministically (``np.load`` reads it).
 
     Members are stored in ``arrays``' order, uncompressed (loads fastest), with a fixed date and
     mode; object arrays are refused (a feature file must load with ``allow_pickle=False``).
+    A ``Path`` value is a ``.npy`` file copied in as the member, in chunks (the same bytes
+    ``write_array`` gives for its array, without holding it in memory).
     """
     with atomic_path(path, suffix=".npz") as tmp:
         with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -71,7 +75,11 @@ def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
                 info.compress_type = zipfile.ZIP_STORED
                 info.external_attr = _NPZ_MEMBER_MODE
                 with zf.open(info, mode="w", force_zip64=True) as fh:
-                    np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
+                    if isinstance(value, Path):
+                        with open(value, "rb") as src:
+                            shutil.copyfileobj(src, fh, _COPY_CHUNK)
+                    else:
+                        np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}

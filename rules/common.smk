@@ -8,7 +8,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from cfga.registry.datasets import get_format
+from cfga.registry.datasets import dataset_ks, get_format
 from cfga.registry.features import FEATURES, features_for
 from cfga.registry.losses import LOSSES
 from cfga.workflow.locks import guard_run
@@ -111,9 +111,10 @@ def synthetic_settings(wildcards):
 
 
 def ingest_settings(wildcards):
-    """What ingestion reads of a dataset's config besides its files: the format and md5s."""
+    """What ingestion reads of a dataset's config besides its files: the format, md5s and (class
+    folders) the split."""
     cfg = DATASETS[wildcards.dataset]
-    return {k: cfg[k] for k in ("format", "md5") if k in cfg}
+    return {k: cfg[k] for k in ("format", "md5", "split") if k in cfg}
 
 
 def _check_models():
@@ -139,6 +140,17 @@ def _check_models():
 
 
 _check_models()
+
+
+def _check_datasets():
+    for name, cfg in DATASETS.items():
+        try:
+            dataset_ks(cfg, name)
+        except ValueError as err:
+            raise WorkflowError(str(err)) from None
+
+
+_check_datasets()
 
 
 def checkpoint_path(dataset, model):

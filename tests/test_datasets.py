@@ -110,7 +110,8 @@ def test_manifest_csv_format(tmp_path):
             ManifestRow("test", 195, "Ram C/V Cargo Van, Minivan 2012", "car_ims/016185.jpg")]
     write_manifest(rows, tmp_path / "m.csv")
     text = (tmp_path / "m.csv").read_text()
-    assert text.splitlines()[0] == "split,label,class_name,path"
+    assert text.splitlines()[0] == "split,label,class_name,path,is_query,is_gallery"
+    assert text.splitlines()[2].endswith(",1,1")  # a test row: query and gallery (leave-one-out)
     assert read_manifest(tmp_path / "m.csv") == rows
     (tmp_path / "bad.csv").write_text("split,label,path\ntrain,0,x\n")
     with pytest.raises(DatasetError, match="bad.csv"):
@@ -361,6 +362,6 @@ def test_single_test_image_class_cars(tmp_path):
 
 
 def test_bad_config(tmp_path):
-    _expect_fail({"format": "sop"}, tmp_path, "unknown format")
+    _expect_fail({"format": "imagenet"}, tmp_path, "unknown format")
     _expect_fail({"format": "cub"}, tmp_path, "archive")
     _expect_fail({"format": "cars", "images_archive": "a", "annotations": "b", "md5": "abc"}, tmp_path, "md5")

@@ -55,7 +55,8 @@ def test_all_produces_manifests_features_metrics_tables(run_all):
     for ds in TINY["datasets"]:
         with open(wd / f"results/manifests/{ds}.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
-        assert list(rows[0]) == ["split", "label", "class_name", "path"]
+        assert list(rows[0]) == ["split", "label", "class_name", "path", "is_query", "is_gallery"]
+        assert all((r["is_query"], r["is_gallery"]) == (("1", "1") if r["split"] == "test" else ("0", "0")) for r in rows)
         test = [r for r in rows if r["split"] == "test"]
         assert len(rows) == 30 and len(test) == 15
         assert {int(r["label"]) for r in test} == {3, 4, 5}  # classes 4–6, labels not renumbered

@@ -1,21 +1,33 @@
-"""One table cell: Recall@K and MAP@R of one feature → results/metrics/{dataset}/{model}/{feature}.json."""
+"""One table cell: Recall@K and MAP@R of one feature → results/metrics/{dataset}/{model}/{feature}.json.
+
+Queries against the gallery as the manifest's is_query / is_gallery roles say (leave-one-out
+when every image is both); K from the dataset's metrics.ks or its format's default."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
+import numpy as np
 from _common import rule_logging
 
+from cfga.data.manifest import evaluation_rows, read_manifest
 from cfga.extraction.store import load_features
 from cfga.files import write_json
 from cfga.outputs.cells import metrics_record
 
 sm = snakemake  # noqa: F821
 with rule_logging(sm) as log:
-    feats, labels, _paths, meta = load_features(sm.input.features)
     name = sm.wildcards.feature
+    feats, labels, paths, meta = load_features(sm.input.features, names=[name])
     if name not in feats:
-        raise KeyError(f"{sm.input.features} has no feature {name!r} (has: {', '.join(sorted(feats))})")
+        raise KeyError(f"{sm.input.features} has no feature {name!r}; rerun its extraction")
+    rows = evaluation_rows(read_manifest(sm.input.manifest))
+    if [r.path for r in rows] != [str(p) for p in paths]:
+        raise ValueError(f"{sm.input.features} does not hold the images of {sm.input.manifest} in its order; "
+                         "delete the feature file and rerun its extraction")
     rec = metrics_record(feats[name], labels, dataset=sm.wildcards.dataset, model=sm.wildcards.model,
-                         feature=name, provenance=meta, device=sm.params.device)
+                         feature=name, provenance=meta, device=sm.params.device,
+                         is_query=np.array([r.is_query for r in rows], dtype=bool),
+                         is_gallery=np.array([r.is_gallery for r in rows], dtype=bool),
+                         ks=tuple(sm.params.ks))
     log.info("%s", rec)
     write_json(sm.output.metrics, rec)

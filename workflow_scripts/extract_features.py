@@ -1,4 +1,5 @@
-"""Features of every test image of one dataset for one model → results/features/{dataset}/{model}.npz.
+"""Features of every evaluated image (query or gallery) of one dataset for one model →
+results/features/{dataset}/{model}.npz, rows streamed to disk as they are computed.
 
 As a shard job (wildcards ``shard``, ``nshards``) it extracts the rows ``cfga.extraction.store.shard_plan``
 gives shard ``shard`` of ``nshards`` and writes them, with their row indices, to a shard file.
@@ -11,9 +12,9 @@ import torch
 from _common import rule_logging
 
 from cfga import extract_features, load_model
-from cfga.data.manifest import read_manifest
+from cfga.data.manifest import evaluation_rows, read_manifest
 from cfga.extraction.preprocess import output_size, peek_size
-from cfga.extraction.store import provenance, save_features, shard_plan
+from cfga.extraction.store import FeatureWriter, provenance, shard_plan
 from cfga.registry.protocols import get_protocol
 
 sm = snakemake  # noqa: F821
@@ -24,7 +25,7 @@ with rule_logging(sm) as log:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     ex = sm.params.extraction
-    rows = [r for r in read_manifest(sm.input.manifest) if r.split == "test"]
+    rows = evaluation_rows(read_manifest(sm.input.manifest))
     root = Path(sm.input.root)
     take = None
     if "shard" in sm.wildcards.keys():
@@ -42,9 +43,10 @@ with rule_logging(sm) as log:
     device = str(next(model.parameters()).device)
     log.info("%s / %s: %d test images on %s, %d threads", sm.wildcards.dataset, sm.wildcards.model, len(rows),
              device, torch.get_num_threads())
-    feats = extract_features(model, [root / r.path for r in rows], sm.params.protocol,
-                             batch_size=ex.get("batch_size"), num_workers=ex.get("num_workers"),
-                             progress=True, desc=f"{sm.wildcards.dataset}/{sm.wildcards.model}")
     meta = provenance(checkpoint=sm.input.checkpoint, manifest=sm.input.manifest, device=device,
                       extra={"arch": sm.params.arch, "protocol": sm.params.protocol})
-    save_features(sm.output.features, feats, [r.label for r in rows], [r.path for r in rows], meta, rows=take)
+    with FeatureWriter(sm.output.features, len(rows)) as out:
+        extract_features(model, [root / r.path for r in rows], sm.params.protocol,
+                         batch_size=ex.get("batch_size"), num_workers=ex.get("num_workers"),
+                         progress=True, desc=f"{sm.wildcards.dataset}/{sm.wildcards.model}", sink=out)
+        out.finish([r.label for r in rows], [r.path for r in rows], meta, rows=take)

@@ -1,13 +1,14 @@
-"""Dataset formats as published (CUB-200-2011, CARS196) → manifest rows, and the ingestion step.
+"""Dataset formats as published → manifest rows, and the ingestion step that dispatches on
+``format``: CUB-200-2011 and CARS196 here; class folders (cfga.data.folder), a CSV table
+(cfga.data.csv_table), Stanford Online Products (cfga.data.sop), In-Shop (cfga.data.inshop).
 
-Split rule (SPEC section 6, S17): the first half of the classes by class id is train, the rest
-test; labels are ``class_id - 1`` and are not renumbered.
+CUB/Cars split rule (SPEC section 6, S17): the first half of the classes by class id is train,
+the rest test; labels are ``class_id - 1`` and are not renumbered.
 """
 from __future__ import annotations
 
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -21,10 +22,16 @@ from cfga.data.archives import (
     _read_member,
     _require_file,
     _safe_relpath,
+    copy_images,
     extract_images,
     verify_md5,
 )
-from cfga.data.manifest import ManifestRow, write_manifest
+from cfga.data.csv_table import read_csv_manifest
+from cfga.data.folder import read_folder_manifest
+from cfga.data.inshop import read_inshop
+from cfga.data.manifest import ManifestRow, check_evaluable, write_manifest
+from cfga.data.sop import read_sop
+from cfga.registry.datasets import FORMATS
 
 CUB_PREFIX = "CUB_200_2011/"
 
@@ -64,16 +71,7 @@ def _int(s: str, source: str) -> int:
 
 
 def _check_test_classes(rows: Sequence[ManifestRow], source: str) -> None:
-    counts = Counter((r.label, r.class_name) for r in rows if r.split == "test")
-    if not counts:
-        raise DatasetError(f"{source}: no test images (classes of the second half are empty).")
-    singles = [name for (_, name), n in sorted(counts.items()) if n == 1]
-    if singles:
-        raise DatasetError(
-            f"{source}: test class(es) with only one image, Recall@K is undefined there: "
-            f"{', '.join(singles[:10])}{' ...' if len(singles) > 10 else ''}. "
-            "Fix the annotations or add images."
-        )
+    check_evaluable(rows, source)
 
 
 def read_cub_manifest(archive_path: str | os.PathLike) -> list[ManifestRow]:
@@ -262,39 +260,87 @@ def _cfg_path(cfg: Mapping, key: str, fmt: str) -> Path:
     return Path(cfg[key])
 
 
+def _md5s(cfg: Mapping, fmt: str) -> dict[str, str]:
+    """The config's md5 entries as {file key: md5}, checked against the format's md5 style."""
+    f = FORMATS[fmt]
+    # a folder of one's own (no published name) has no checksum; an archive that may be unpacked does
+    md5, kind, keys = cfg.get("md5"), f.md5, [k for k in f.files if not (k in f.dirs and f.files[k] is None)]
+    if md5 is None:
+        return {}
+    if kind == "none":
+        raise DatasetError(f"dataset config (format {fmt}): a folder has no md5; remove 'md5'.")
+    if kind == "single":
+        if not isinstance(md5, str):
+            raise DatasetError(f"dataset config (format {fmt}): 'md5' must be a string (the archive's md5).")
+        return {keys[0]: md5}
+    if not isinstance(md5, Mapping) or set(md5) - set(keys):
+        raise DatasetError(
+            f"dataset config (format {fmt}): 'md5' must be a mapping with keys {' and/or '.join(keys)}."
+        )
+    return dict(md5)
+
+
+def _verified(cfg: Mapping, fmt: str, what: Mapping[str, str]) -> dict[str, Path]:
+    """The format's input paths (``what``: key → description), each present, md5s checked."""
+    paths = {k: _cfg_path(cfg, k, fmt) for k in what}
+    md5 = _md5s(cfg, fmt)
+    for k, desc in what.items():
+        if k in FORMATS[fmt].dirs and paths[k].is_dir():
+            if k in md5:
+                raise DatasetError(f"dataset config (format {fmt}): {paths[k]} is a folder, an md5 applies to "
+                                   f"the archive only; remove md5 {k}.")
+            continue
+        if k in FORMATS[fmt].dirs and fmt in ("folder", "csv"):
+            raise DatasetError(f"{desc} not found: {paths[k]} (a folder). Fix `{k}:` in the dataset config.")
+        _require_file(paths[k], desc)
+    for k, digest in md5.items():
+        verify_md5(paths[k], digest)
+    return paths
+
+
+def plan_ingest(cfg: Mapping) -> tuple[list[ManifestRow], Callable[[str | os.PathLike], None]]:
+    """Check the inputs of dataset config ``cfg`` (md5 first), read its manifest rows; → (rows, a
+    function that extracts or copies exactly those images under a destination root)."""
+    fmt = cfg.get("format")
+    if fmt not in FORMATS:
+        raise DatasetError(f"dataset config: unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
+    if fmt == "cub":
+        archive = _verified(cfg, fmt, {"archive": "Archive"})["archive"]
+        rows = read_cub_manifest(archive)
+        return rows, lambda dest: extract_images(archive, rows, dest, CUB_PREFIX)
+    if fmt == "cars":
+        p = _verified(cfg, fmt, {"images_archive": "Image archive", "annotations": "Annotation file"})
+        rows = read_cars_manifest(p["images_archive"], p["annotations"])
+        return rows, lambda dest: extract_images(p["images_archive"], rows, dest, "")
+    if fmt == "folder":
+        root = _verified(cfg, fmt, {"root": "Image folder"})["root"]
+        rows = read_folder_manifest(root, cfg.get("split"))
+        return rows, lambda dest: copy_images(root, rows, dest)
+    if fmt == "csv":
+        p = _verified(cfg, fmt, {"table": "Table", "root": "Image root"})
+        rows = read_csv_manifest(p["table"], p["root"])
+        return rows, lambda dest: copy_images(p["root"], rows, dest)
+    if fmt == "sop":
+        return read_sop(_verified(cfg, fmt, {"archive": "Archive"})["archive"])
+    p = _verified(cfg, fmt, {"images_archive": "Image archive", "partition": "Partition file"})
+    return read_inshop(p["images_archive"], p["partition"])
+
+
 def ingest_dataset(cfg: Mapping, manifest_path: str | os.PathLike, dest_root: str | os.PathLike) -> list[ManifestRow]:
     """Verify md5s, build the manifest, extract its images under ``dest_root``, write the manifest.
 
-    ``cfg``: ``{format: cub, archive, md5?}`` or
-    ``{format: cars, images_archive, annotations, md5?: {images_archive?, annotations?}}``.
+    ``cfg``: ``{format: cub, archive, md5?}``,
+    ``{format: cars, images_archive, annotations, md5?: {images_archive?, annotations?}}``,
+    ``{format: folder, root, split?: {train: [..], test: [..]}}``,
+    ``{format: csv, table, root, md5?: {table}}``, ``{format: sop, archive (zip or folder), md5?}``,
+    ``{format: inshop, images_archive, partition, md5?: {images_archive?, partition?}}``.
     The manifest is written last, so it exists only if the extraction completed.
     """
-    fmt = cfg.get("format")
-    md5 = cfg.get("md5")
-    if fmt == "cub":
-        archive = _cfg_path(cfg, "archive", fmt)
-        if md5 is not None and not isinstance(md5, str):
-            raise DatasetError("dataset config (format cub): 'md5' must be a string (the archive's md5).")
-        _require_file(archive, "Archive")
-        verify_md5(archive, md5)
-        rows = read_cub_manifest(archive)
-        extract: Callable[[], None] = lambda: extract_images(archive, rows, dest_root, CUB_PREFIX)  # noqa: E731
-    elif fmt == "cars":
-        images, annos = _cfg_path(cfg, "images_archive", fmt), _cfg_path(cfg, "annotations", fmt)
-        md5 = md5 or {}
-        if not isinstance(md5, Mapping) or set(md5) - {"images_archive", "annotations"}:
-            raise DatasetError(
-                "dataset config (format cars): 'md5' must be a mapping with keys images_archive and/or annotations."
-            )
-        _require_file(images, "Image archive")
-        _require_file(annos, "Annotation file")
-        verify_md5(images, md5.get("images_archive"))
-        verify_md5(annos, md5.get("annotations"))
-        rows = read_cars_manifest(images, annos)
-        extract = lambda: extract_images(images, rows, dest_root, "")  # noqa: E731
-    else:
-        raise DatasetError(f"dataset config: unknown format {fmt!r}; use 'cub' or 'cars'.")
-    extract()
+    if cfg.get("split") is not None and cfg.get("format") != "folder":
+        raise DatasetError(f"dataset config (format {cfg.get('format')}): 'split' is for class folders only; "
+                           "the format's own files fix the split.")
+    rows, extract = plan_ingest(cfg)
+    extract(dest_root)
     try:
         write_manifest(rows, manifest_path)
     except BaseException:

@@ -120,11 +120,14 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool = False,
     desc: str = "extract",
+    sink=None,
 ) -> dict[str, np.ndarray]:
     """Every feature of ``protocol`` for ``images`` (paths or PIL images), in input order.
 
     model:  a torchvision-layout ResNet (``cfga.load_model``), eval mode, on its device.
     Returns {feature name: float32 [N, D]} with the names of ``cfga.features.features_for``.
+    sink:   a ``cfga.extraction.store.FeatureWriter`` for N images: each batch's rows are written
+            to it as they come (memory independent of N) and an empty dict is returned.
     """
     proto = get_protocol(protocol)
     device = model_device(model)
@@ -162,10 +165,17 @@ def extract_features(
                 if not np.isfinite(arr).all():
                     bad = images[int(idx[np.where(~np.isfinite(arr).all(axis=1))[0][0]])]
                     raise FeatureError(f"non-finite {name} feature for image {bad}")
+                if sink is not None:
+                    sink.write(name, idx.numpy(), arr)
+                    continue
                 if name not in out:
                     out[name] = np.zeros((len(images), arr.shape[1]), dtype=np.float32)
                 out[name][idx.numpy()] = arr
             bar.update(len(idx))
     if not images:
         out = {n: np.zeros((0, feature_dim(n, proto.name)), np.float32) for n in proto.features}
+        if sink is not None:
+            for name, arr in out.items():
+                sink.write(name, [], arr)
+            out = {}
     return out

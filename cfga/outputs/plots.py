@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
-from cfga.registry.features import FEATURES, RECALL_KS
+from cfga.outputs.tables import cell_ks
+from cfga.registry.features import FEATURES
 
 
 def recall_plot(cells: Sequence[Mapping], path: str | os.PathLike, title: str) -> None:
-    """One line per (model, feature): Recall@K (%) against K on a log2 axis; written atomically."""
+    """One line per (model, feature): Recall@K (%) against K on a log axis, at the K the cells hold
+    (the dataset's ``metrics.ks``); written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,11 +20,16 @@ def recall_plot(cells: Sequence[Mapping], path: str | os.PathLike, title: str) -
 
     fig, ax = plt.subplots(figsize=(8, 5))
     order = list(FEATURES)
+    all_ks: set[int] = set()
     for c in sorted(cells, key=lambda c: (c["model"], order.index(c["feature"]))):
-        ys = [100 * c[f"recall@{k}"] for k in RECALL_KS]
-        ax.plot(RECALL_KS, ys, marker="o", label=f"{c['model']}: {FEATURES[c['feature']].column}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(RECALL_KS, [str(k) for k in RECALL_KS])
+        ks = cell_ks(c)
+        all_ks.update(ks)
+        ax.plot(ks, [100 * c[f"recall@{k}"] for k in ks], marker="o",
+                label=f"{c['model']}: {FEATURES[c['feature']].column}")
+    ticks = sorted(all_ks)
+    # 1,2,4,…,32 on a log2 axis; SOP's 1,10,100,1000 and In-Shop's 1,10,…,50 on a log10 one.
+    ax.set_xscale("log", base=2 if all(k & (k - 1) == 0 for k in ticks) else 10)
+    ax.set_xticks(ticks, [str(k) for k in ticks])
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K (%)")
     ax.set_title(title)

@@ -23,6 +23,17 @@ LONG_COLUMNS = ("dataset", "model", "feature", "paper_column", "dim", "n_queries
 ID_COLUMNS = ("dataset", "model", "row", "data", "paper_dataset", "paper_model", "embedding_dim")
 
 
+def cell_ks(cell: Mapping) -> tuple[int, ...]:
+    """The K of the Recall@K a metrics record holds (each dataset has its own; cfga.registry.datasets)."""
+    return tuple(sorted(int(key[len("recall@"):]) for key in cell if key.startswith("recall@")))
+
+
+def metric_keys(cells: Sequence[Mapping]) -> tuple[str, ...]:
+    """Recall@K columns for every K any cell holds, ascending, then MAP@R."""
+    ks = sorted({k for c in cells for k in cell_ks(c)})
+    return tuple(f"recall@{k}" for k in ks) + ("map@r",)
+
+
 def read_cells(paths: Iterable[str | os.PathLike]) -> list[dict]:
     """Load every metrics JSON; → list of records (see ``cfga.outputs.cells.metrics_record``)."""
     cells = []
@@ -50,19 +61,22 @@ def pct(x: float) -> str:
 
 
 def cells_frame(cells: Sequence[Mapping]) -> pd.DataFrame:
-    """The long table: one row per cell, sorted by dataset, model and the registry's feature order."""
-    df = pd.DataFrame([{k: c[k] for k in LONG_COLUMNS if k != "paper_column"} for c in cells],
-                      columns=[k for k in LONG_COLUMNS if k != "paper_column"])
+    """The long table: one row per cell (identifying columns, then Recall@K for every K any cell
+    holds and MAP@R; missing values NaN), sorted by dataset, model and the registry's feature order."""
+    keys = metric_keys(cells) if cells else METRIC_KEYS
+    ids = ("dataset", "model", "feature", "dim", "n_queries")
+    df = pd.DataFrame([{k: c.get(k) for k in (*ids, *keys)} for c in cells], columns=[*ids, *keys])
     df.insert(3, "paper_column", [FEATURES[f].column for f in df["feature"]])
     df["_order"] = [list(FEATURES).index(f) for f in df["feature"]]
     return df.sort_values(["dataset", "model", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
 def long_rows(cells: Sequence[Mapping]) -> tuple[list[str], list[list]]:
-    """all_metrics.csv: one row per cell, every metric as a fraction (6 decimals)."""
+    """all_metrics.csv: one row per cell, every metric as a fraction (6 decimals); a Recall@K column
+    for every K of any dataset (``metrics.ks``), empty where a dataset does not report that K."""
     df = cells_frame(cells)
-    for k in METRIC_KEYS:
-        df[k] = df[k].map(lambda v: f"{v:.6f}")
+    for k in df.columns[6:]:
+        df[k] = df[k].map(lambda v: "" if pd.isna(v) else f"{v:.6f}")
     return list(df.columns), df.values.tolist()
 
 

@@ -104,6 +104,9 @@ def test_a_real_dataset_needs_exactly_its_formats_files(fmt):
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_a_synthetic_dataset_has_no_files(fmt):
     syn = {"classes": 4, "images_per_class": 4}
+    if not FORMATS[fmt].synthetic:  # no offline writer for this format
+        rejected(config(d={"format": fmt, "synthetic": syn}), fmt)
+        return
     check(config(d={"format": fmt, "synthetic": syn}))
     for key in FORMATS[fmt].files:
         rejected(config(d={"format": fmt, "synthetic": syn, key: "raw/x"}), key)
@@ -120,6 +123,16 @@ MD5_CASES = [
     ("cars", MD5, False),
     ("cars", {"archive": MD5}, False),
     ("cars", {"images_archive": "short"}, False),
+    ("sop", MD5, True),
+    ("sop", {"archive": MD5}, False),
+    ("inshop", {"images_archive": MD5, "partition": MD5}, True),
+    ("inshop", {"partition": MD5}, True),
+    ("inshop", MD5, False),
+    ("csv", {"table": MD5}, True),
+    ("csv", {"root": MD5}, False),
+    ("csv", MD5, False),
+    ("folder", MD5, False),
+    ("folder", {"root": MD5}, False),
 ]
 
 
