@@ -4,8 +4,9 @@
   ``@pytest.mark.threads(n)``, and the previous count is restored after it. One thread keeps CPU
   results independent of the machine and the suite polite on a shared machine.
 * One small model: a seeded random ResNet-50 (``resnet50``, built once per session; tests that
-  change it take ``resnet50_copy``), the state dict of another seeded one (``resnet50_state``)
-  and that state saved once as a checkpoint file (``resnet50_checkpoint``).
+  change it take ``resnet50_copy``), the state dict of another seeded one (``resnet50_state``),
+  that state saved once as a checkpoint file (``resnet50_checkpoint``) and with a 512-d DML head
+  (``resnet50_dml``).
 * ``tiny_images``: PNG files of at most 32 px a side (a 1×1 layer4 map).
 """
 from __future__ import annotations
@@ -51,6 +52,30 @@ def resnet50_checkpoint(tmp_path_factory, resnet50_state):
     torch.save(resnet50_state, path)
     path.chmod(0o444)
     return path
+
+
+@pytest.fixture(scope="session")
+def resnet50_dml(resnet50_state):
+    """A ResNet-50 with the DML embedding head of the authors' formats: ``resnet50_state``'s trunk,
+    a seeded Linear(2048, 512) fc and non-trivial BN buffers (so that a mix-up of buffers shows),
+    eval mode. Shared by the session: never change it."""
+    import torch
+    import torchvision
+    from torch import nn
+
+    with torch.device("meta"):
+        m = torchvision.models.resnet50()
+    m.load_state_dict({k: v.clone() for k, v in resnet50_state.items()}, assign=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m.fc = nn.Linear(2048, 512)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.uniform_(-0.1, 0.1)
+                    mod.running_var.uniform_(0.5, 1.5)
+                    mod.num_batches_tracked.fill_(7)
+    return m.eval()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,9 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 
+# classes and images per class of the small synthetic archives of tests/data (about formats, not sizes)
+SYNTHETIC_CLASSES, SYNTHETIC_IMAGES_PER_CLASS = 4, 3
+
 # (h, w), all ≤ 32 px → a 1×1 layer4 map
 TINY_SIZES = [(1, 1), (2, 3), (17, 9), (32, 32), (31, 20)]
 
@@ -53,3 +56,9 @@ def write_sized_images(root, seed=0):
         img.convert(mode).save(p, quality=90)
         paths.append(p)
     return paths
+
+
+def assert_nothing_left(out: Path) -> None:
+    """``out`` is absent or empty (a failed step left no file behind)."""
+    assert not out.exists() or list(out.iterdir()) == [], list(out.iterdir())
+

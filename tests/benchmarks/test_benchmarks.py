@@ -2,13 +2,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from cfga.runtime import usable_cores
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def _run(script, *args, cwd):
@@ -18,6 +18,7 @@ def _run(script, *args, cwd):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_extract_speed_runs_and_cfga_matches_the_authors_pattern(tmp_path):
     out = tmp_path / "summary.json"
     stdout = _run("extract_speed.py", "--n", "3", "--repeats", "1", "--size", "96x128", "--threads", "1",

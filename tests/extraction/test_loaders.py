@@ -6,6 +6,7 @@ import torch
 from cfga import extract_features, load_model
 from cfga.extraction.preprocess import ImageError
 
+@pytest.mark.slow
 def test_in_process_loaders_equal_the_dataloader_path(images, checkpoint, monkeypatch):
     """Decoding ahead (background thread), in parallel (each batch on every core) and the
     DataLoader (a worker process) give the same bytes."""

@@ -29,6 +29,7 @@ def _cosines(a, b):
     return np.where(both_zero, 1.0, cos)
 
 
+@pytest.mark.slow
 def test_every_feature_matches_reference(images, checkpoint):
     model = load_model("resnet50", "scda", checkpoint, device="cpu")
     feats = extract_features(model, images, "scda", batch_size=4)
@@ -44,6 +45,7 @@ def test_every_feature_matches_reference(images, checkpoint):
         assert (np.linalg.norm(arr, axis=1) > 0).mean() > 0.5, name
 
 
+@pytest.mark.slow
 def test_batched_equals_batch_size_one_and_is_deterministic(images, checkpoint):
     model = load_model("resnet50", "scda", checkpoint, device="cpu")
     a = extract_features(model, images, "scda", batch_size=8)
@@ -54,6 +56,7 @@ def test_batched_equals_batch_size_one_and_is_deterministic(images, checkpoint):
         assert np.array_equal(a[name], c[name]), f"{name}: two CPU runs differ"
 
 
+@pytest.mark.slow
 def test_gpu_batched_cfga_path_matches_reference_on_cpu(images, checkpoint, monkeypatch):
     """The batched CFGA step that CUDA uses (cfga.gradients.batched_kernel_responses), forced on
     the CPU so CI covers it: every feature still matches the SPEC reference."""
@@ -86,6 +89,7 @@ def test_pil_inputs_equal_paths(images, checkpoint):
         assert np.array_equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_resnet101_matches_reference(tmp_path, images):
     model = jitter_bn(build_dml_model("resnet101", seed=2), seed=1, images=images[:2])
     path = tmp_path / "r101.pth"
@@ -105,6 +109,7 @@ def test_training_mode_model_is_refused(images, checkpoint):
         extract_features(model, images[:1], "scda")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["ms", "proxy_anchor", "dgpcrl"])
 def test_dml_protocols_match_reference(images, protocol):
     model = jitter_bn(build_dml_model("resnet50", seed=7, protocol=protocol), seed=3, images=images[:3],
@@ -132,6 +137,7 @@ def test_empty_mask_without_lcc_falls_back_to_whole_map(images, resnet50, caplog
     assert all(np.isfinite(v).all() for v in feats.values())
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_batch_composition(images, checkpoint):
     """On CPU a row is bit-identical whatever else is in its batch (sharded extraction relies on
     it): the three 300×400 images together, one + two, and in another order."""
