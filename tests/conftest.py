@@ -19,8 +19,20 @@ from PIL import Image
 from tests.helpers import TINY_SIZES, rgb
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads_session():
+    """One thread for what session and module fixtures compute too (they are set up before a
+    test's own fixtures); the process's setting is restored at the end."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
-def torch_threads(request):
+def torch_threads(request, _torch_threads_session):
     import torch
 
     marker = request.node.get_closest_marker("threads")

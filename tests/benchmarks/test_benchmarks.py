@@ -32,7 +32,8 @@ def test_extract_speed_runs_and_cfga_matches_the_authors_pattern(tmp_path):
 
 
 @pytest.mark.parametrize("script,args", [
-    ("metrics_speed.py", ["--n", "600", "--dim", "16", "--repeats", "1", "--threads", "1"]),
+    pytest.param("metrics_speed.py", ["--n", "600", "--dim", "16", "--repeats", "1", "--threads", "1"],
+                 marks=pytest.mark.slow),
     ("featurestore_speed.py", ["--rows", "40", "--repeats", "1"]),
 ])
 def test_other_benchmarks_run(script, args, tmp_path):
