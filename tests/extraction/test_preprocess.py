@@ -1,6 +1,5 @@
 """Pixel-exact preprocessing (SPEC §2) and image decoding: odd formats load exactly as PIL's
 convert('RGB'), broken files and decompression bombs raise an ImageError naming the file."""
-import time
 import warnings
 
 import numpy as np
@@ -208,14 +207,12 @@ def test_decompression_bomb_refused_from_the_header(bad, decode_spy, name):
     p = bad[name]
     assert p.stat().st_size < 200  # the bomb is a few dozen bytes on disk
     old_limit = Image.MAX_IMAGE_PIXELS
-    t0 = time.perf_counter()
     for fn in (load_rgb, peek_size):
         with pytest.raises(ImageError) as ei:
             fn(p)
         msg = str(ei.value)
         assert p.name in msg
         assert "too large" in msg, msg  # cfga's words, not PIL's (which vary by version)
-    assert time.perf_counter() - t0 < 1.0
-    assert decode_spy == []  # no pixel buffer was ever allocated
+    assert decode_spy == []  # refused from the header: no pixel buffer was ever allocated
     assert Image.MAX_IMAGE_PIXELS == old_limit  # the global limit is restored
     assert 15000 * 15000 > MAX_IMAGE_PIXELS
