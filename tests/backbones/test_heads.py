@@ -10,6 +10,7 @@ from cfga.backbones.heads import dml_embedding, head_embedding, trunk_features
 def net(resnet50_dml):
     return resnet50_dml
 
+
 def test_embedding_heads_follow_spec_4_4(net):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -7,6 +7,7 @@ import torchvision
 import cfga.backbones.resnet as resnet_mod
 from cfga.backbones.resnet import stem_max_pool, trunk_to_layer4_0
 
+
 def _resnet_with_trained_looking_norms(arch):
     torch.manual_seed(0)
     net = getattr(torchvision.models, arch)()
@@ -18,6 +19,7 @@ def _resnet_with_trained_looking_norms(arch):
             m.bias.data.normal_()
     return net.eval()
 
+
 @pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
 def test_trunk_with_in_place_norms_is_bit_identical_to_the_modules(arch):
     net = _resnet_with_trained_looking_norms(arch)
@@ -28,6 +30,7 @@ def test_trunk_with_in_place_norms_is_bit_identical_to_the_modules(arch):
         got = trunk_to_layer4_0(net, x)
     assert got.numpy().tobytes() == ref.numpy().tobytes()
     assert torch.equal(x, x0)  # the input is never written over
+
 
 def test_trunk_falls_back_to_the_modules_where_in_place_norms_would_be_wrong(monkeypatch):
     """Autograd on, a training-mode norm, or a block torchvision did not build: the modules run."""
@@ -53,6 +56,7 @@ def test_trunk_falls_back_to_the_modules_where_in_place_norms_would_be_wrong(mon
     with torch.no_grad():
         trunk_to_layer4_0(net, x)
     assert not calls
+
 
 def test_stem_max_pool_is_bit_identical_to_the_module():
     pool = torch.nn.MaxPool2d(3, 2, 1)

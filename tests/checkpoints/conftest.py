@@ -22,13 +22,16 @@ WRITERS = {
     ),
 }
 
+
 @pytest.fixture(scope="session")
 def net(resnet50_dml):
     return resnet50_dml
 
+
 @pytest.fixture(scope="session")
 def trunk(net):
     return _trunk_of(net)
+
 
 @pytest.fixture(scope="session")
 def files(net, tmp_path_factory):
@@ -38,6 +41,7 @@ def files(net, tmp_path_factory):
         out[fmt] = d / f"{fmt}.pth"
         write(out[fmt], net)
     return out
+
 
 @pytest.fixture(scope="session")
 def objs(net):

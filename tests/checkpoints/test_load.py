@@ -135,6 +135,7 @@ def test_round_trip(fmt, files, net, trunk):
     else:
         assert "n_cls" not in meta
 
+
 def test_missing_num_batches_tracked_is_accepted(tmp_path, trunk):
     """Files from before torch 0.4.1 (e.g. the V1 ImageNet weights) lack these buffers."""
     old = {k: v for k, v in trunk.items() if not k.endswith("num_batches_tracked")}
@@ -144,6 +145,7 @@ def test_missing_num_batches_tracked_is_accepted(tmp_path, trunk):
     assert meta["format"] == "torchvision"
     assert int(loaded.bn1.num_batches_tracked) == 0
     assert torch.equal(loaded.layer4[2].bn3.running_var, trunk["layer4.2.bn3.running_var"])
+
 
 def test_pickled_file_is_refused_unless_allowed(tmp_path, objs):
     p = tmp_path / "pickled.pth"
@@ -155,6 +157,7 @@ def test_pickled_file_is_refused_unless_allowed(tmp_path, objs):
     loaded, meta = load_checkpoint(p, "resnet50", allow_pickle=True)
     assert meta["format"] == "ms"
     assert torch.equal(loaded.fc.bias, objs["ms"]["model"]["class_fc.bias"])
+
 
 def test_missing_file_and_unknown_names(tmp_path, objs):
     with pytest.raises(CheckpointError, match="not found"):

@@ -7,6 +7,7 @@ from cfga.checkpoints.save import dgpcrl_state, save_ms
 
 # ---- writers: exactly the authors' key layouts ----------------------------------------------
 
+
 def test_writers_use_the_authors_key_layouts(files, trunk):
     ms = torch.load(files["ms"], weights_only=True)
     assert list(ms) == ["model"]
@@ -27,12 +28,14 @@ def test_writers_use_the_authors_key_layouts(files, trunk):
     assert dg["model"]["class_fc.weight"].shape == (100, 2048)
     assert dg["model"]["class_fc_2.weight"].shape == (100, 4096)
 
+
 def test_writers_refuse_a_net_without_the_embedding_head(tmp_path):
     with torch.device("meta"):
         plain = torchvision.models.resnet50()
     with pytest.raises(ValueError, match=r"Linear\(2048, 512\)"):
         save_ms(tmp_path / "x.pth", plain)
     assert not (tmp_path / "x.pth").exists()
+
 
 def test_dgpcrl_heads_are_seeded(net):
     a, b = dgpcrl_state(net, 98, seed=1)["model"], dgpcrl_state(net, 98, seed=1)["model"]

@@ -13,6 +13,7 @@ from cfga.data.formats import CUB_PREFIX, read_cub_manifest
 from cfga.data.manifest import ManifestRow
 from tests.helpers import assert_nothing_left as _assert_nothing_left
 
+
 def test_truncated_during_extraction(cub_cfg, tmp_path):
     rows = read_cub_manifest(cub_cfg["archive"])
     data = Path(cub_cfg["archive"]).read_bytes()
@@ -22,6 +23,7 @@ def test_truncated_during_extraction(cub_cfg, tmp_path):
     with pytest.raises(DatasetError, match="re-download"):
         extract_images(bad, rows, out / "root", CUB_PREFIX)
     _assert_nothing_left(out)
+
 
 def test_extract_ignores_hostile_members(tmp_path):
     arc = tmp_path / "x.tgz"

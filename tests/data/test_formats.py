@@ -27,8 +27,6 @@ from tests.helpers import SYNTHETIC_IMAGES_PER_CLASS as N
 from tests.helpers import assert_nothing_left as _assert_nothing_left
 
 
-
-
 def _tiny_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (90, 120, 30)).save(buf, format="JPEG")
@@ -38,7 +36,6 @@ def _tiny_jpeg() -> bytes:
 def _const_factory():
     data = _tiny_jpeg()
     return lambda ci, k, i: (data, (1.0, 1.0, 6.0, 6.0))
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +88,6 @@ def test_ingest_with_md5_and_rerun_replaces(cub_cfg, cars_cfg, tmp_path):
     ccfg = dict(cars_cfg, md5={"images_archive": md5_file(cars_cfg["images_archive"]),
                                "annotations": md5_file(cars_cfg["annotations"])})
     assert len(ingest_dataset(ccfg, out / "c.csv", out / "cars")) == C * N
-
 
 
 def test_split_rule():
@@ -242,7 +238,6 @@ def test_missing_cub_metadata(cub_cfg, tmp_path, member):
     _expect_fail({"format": "cub", "archive": str(bad)}, tmp_path, str(bad), member)
 
 
-
 def test_mismatched_ids(cub_cfg, tmp_path):
     lines = _cub_member(cub_cfg["archive"], "image_class_labels.txt").splitlines()
     lines[-1] = "9999 " + lines[-1].split()[1]
@@ -265,7 +260,6 @@ def test_cub_path_traversal(cub_cfg, tmp_path):
     bad = _rewrite_tgz(cub_cfg["archive"], tmp_path / "CUB_200_2011.tgz",
                        {"CUB_200_2011/images.txt": ("\n".join(lines) + "\n").encode()})
     _expect_fail({"format": "cub", "archive": str(bad)}, tmp_path, "images.txt", "..")
-
 
 
 def _rewrite_mat(src, dst, edit):

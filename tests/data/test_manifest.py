@@ -4,6 +4,7 @@ import pytest
 from cfga.data.archives import DatasetError
 from cfga.data.manifest import ManifestRow, read_manifest, write_manifest
 
+
 def test_manifest_csv_format(tmp_path):
     rows = [ManifestRow("train", 0, "001.A_b", "images/001.A_b/x.jpg"),
             ManifestRow("test", 195, "Ram C/V Cargo Van, Minivan 2012", "car_ims/016185.jpg")]

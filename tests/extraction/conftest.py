@@ -14,6 +14,7 @@ from tests.helpers import write_sized_images
 from tests.helpers import rgb as _rgb
 from tests.reference.spec_reference import build_dml_model, jitter_bn
 
+
 def _png_header_bomb(path, w, h):
     """A valid 1×1 PNG whose IHDR is patched to claim w×h (CRC fixed): 60-odd bytes on disk."""
     Image.new("L", (1, 1)).save(path, format="PNG", optimize=True)
@@ -23,6 +24,7 @@ def _png_header_bomb(path, w, h):
     b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])) & 0xFFFFFFFF)
     path.write_bytes(bytes(b))
     return path
+
 
 def _write_odd_images(root):
     """Decodable but unusual files (all must load exactly as PIL's convert('RGB') does)."""
@@ -54,6 +56,7 @@ def _write_odd_images(root):
     Image.fromarray(_rgb(40, 48, 7)).save(out["plain_jpg"], quality=90)
     return out, rgba
 
+
 def _write_bad_images(root):
     good = root / "good.jpg"
     Image.fromarray(_rgb(64, 64, 20)).save(good, quality=95)
@@ -71,17 +74,21 @@ def _write_bad_images(root):
     out["bomb_warn"] = _png_header_bomb(root / "bomb_warn.png", 15000, 15000)  # 2.25e8: limit..2×limit
     return out
 
+
 @pytest.fixture(scope="session")
 def odd(tmp_path_factory):
     return _write_odd_images(tmp_path_factory.mktemp("odd"))
+
 
 @pytest.fixture(scope="session")
 def bad(tmp_path_factory):
     return _write_bad_images(tmp_path_factory.mktemp("bad"))
 
+
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
     return write_sized_images(tmp_path_factory.mktemp("imgs"))
+
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, images):

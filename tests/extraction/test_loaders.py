@@ -6,6 +6,7 @@ import torch
 from cfga import extract_features, load_model
 from cfga.extraction.preprocess import ImageError
 
+
 @pytest.mark.slow
 def test_in_process_loaders_equal_the_dataloader_path(images, checkpoint, monkeypatch):
     """Decoding ahead (background thread), in parallel (each batch on every core) and the
@@ -27,6 +28,7 @@ def test_in_process_loaders_equal_the_dataloader_path(images, checkpoint, monkey
     for name in ahead:
         assert ahead[name].tobytes() == parallel[name].tobytes() == loader[name].tobytes(), name
 
+
 def test_decode_ahead_auto_only_with_a_free_core(monkeypatch):
     """'auto' decodes ahead only when torch's threads leave a core idle (on a saturated CPU the
     decode thread slows the convolutions more than it saves)."""
@@ -40,6 +42,7 @@ def test_decode_ahead_auto_only_with_a_free_core(monkeypatch):
     assert extract_mod.decode_ahead_wanted(True) and not extract_mod.decode_ahead_wanted(False)
     with pytest.raises(ValueError, match="DECODE_AHEAD"):
         extract_mod.decode_ahead_wanted("yes")
+
 
 def test_bad_image_in_a_dataloader_worker_still_names_it(resnet50, bad):
     """With workers (the CUDA default) the error crosses a process boundary: still an ImageError,

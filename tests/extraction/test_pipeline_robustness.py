@@ -23,6 +23,7 @@ from cfga.registry.protocols import get_protocol
 from tests.helpers import pil_rgb as _pil_rgb
 from tests.helpers import rgb as _rgb
 
+
 @pytest.fixture
 def model(resnet50):
     """The session's seeded random ResNet-50 (fc 1000: fine for the scda and dgpcrl protocols)."""
@@ -56,6 +57,7 @@ def test_odd_images_through_extract_equal_pil_converted_inputs(model, odd, tiny)
         assert np.isfinite(a[name]).all(), name
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
+
 @pytest.mark.parametrize("protocol", ["scda", "dgpcrl"])
 def test_tiny_images_one_by_one_map_give_finite_whole_map_features(model, tiny, protocol, caplog):
     """≤ 32 px → 1×1 layer4 map → S constant → threshold mask B empty. scda (LCC): whole map per
@@ -76,6 +78,7 @@ def test_tiny_images_one_by_one_map_give_finite_whole_map_features(model, tiny, 
     np.testing.assert_allclose(feats["scda"], pooled, rtol=1e-6, atol=1e-7)
     assert (np.linalg.norm(pooled, axis=1) > 0).all()  # the random model is alive on tiny inputs
 
+
 def test_rows_stay_aligned_when_buckets_reorder_the_work(model, tiny):
     """Inputs [A1, B, A2] (A1/A2 one size, B another): buckets run A1+A2 then B; each row must be
     its own image's, bit-identical to extracting that bucket alone."""
@@ -87,6 +90,7 @@ def test_rows_stay_aligned_when_buckets_reorder_the_work(model, tiny):
         np.testing.assert_array_equal(mixed[name][[0, 2]], same[name], err_msg=name)
         np.testing.assert_array_equal(mixed[name][1], alone[name][0], err_msg=name)
     assert not np.array_equal(mixed["pooling"][0], mixed["pooling"][2])
+
 
 @pytest.mark.parametrize(
     "culprit,words",
@@ -104,6 +108,7 @@ def test_bad_image_inside_extract_raises_naming_it(model, bad, culprit, words, t
     for w in words:
         assert w in str(ei.value)
     assert not target.parent.exists()
+
 
 def test_non_finite_feature_names_the_right_image(monkeypatch, tmp_path):
     """FeatureError must name the image whose row is non-finite, not the batch's first image."""
@@ -126,6 +131,7 @@ def test_non_finite_feature_names_the_right_image(monkeypatch, tmp_path):
     net = torch.nn.Linear(1, 1).eval()
     with pytest.raises(FeatureError, match="img1.png"):
         extract_features(net, paths, "scda", batch_size=8)
+
 
 def test_nan_model_is_reported_not_zeroed(resnet50_copy, tiny):
     """A corrupted checkpoint (one NaN BN weight in layer4) must raise FeatureError naming an image,
@@ -153,6 +159,7 @@ def test_all_zero_layer4_map_gives_all_zero_features(dead_layer4, tiny, tmp_path
     loaded, labels, paths, meta = load_features(out)
     assert all(np.array_equal(loaded[k], feats[k]) for k in feats)
 
+
 @pytest.mark.parametrize("protocol", ["scda", "dgpcrl", "ms"])
 def test_constant_map_uses_whole_map_in_every_protocol(protocol):
     """A constant (non-zero) map: B is empty for every protocol; the features must equal the
@@ -172,6 +179,7 @@ def test_constant_map_uses_whole_map_in_every_protocol(protocol):
 # determinism
 # ----------------------------------------------------------------------------------------------
 
+
 def test_extract_twice_is_bit_identical(model, tmp_path):
     paths = []
     for i, (h, w) in enumerate([(40, 48), (40, 48), (56, 36)]):
@@ -185,6 +193,7 @@ def test_extract_twice_is_bit_identical(model, tmp_path):
     for name in a:
         assert a[name].tobytes() == b[name].tobytes(), name
     assert np.linalg.norm(a["cfga_4_1_2"], axis=1).min() > 0  # not trivially all zeros
+
 
 @pytest.mark.parametrize("protocol", ["scda", "dgpcrl", "ms"])
 def test_image_level_features_batch_equals_one_map_at_a_time(protocol):

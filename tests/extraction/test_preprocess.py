@@ -105,12 +105,14 @@ def test_odd_formats_load_exactly_like_pil_convert(odd, name):
     assert got.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(got), _pil_rgb(files[name]))
 
+
 def test_content_is_sniffed_not_the_extension(odd):
     files, _ = odd
     with Image.open(files["png_as_jpg"]) as im:
         assert im.format == "PNG"
     with Image.open(files["gif_as_jpg"]) as im:
         assert im.format == "GIF"
+
 
 def test_rgba_alpha_is_dropped_not_composited(odd):
     files, rgba = odd
@@ -119,6 +121,7 @@ def test_rgba_alpha_is_dropped_not_composited(odd):
     np.testing.assert_array_equal(got, rgba[..., :3])
     assert (rgba[..., 3] == 0).any()
 
+
 def test_la_alpha_is_dropped_and_gray_is_replicated(odd):
     files, _ = odd
     got = np.asarray(load_rgb(files["la_png"]))
@@ -126,6 +129,7 @@ def test_la_alpha_is_dropped_and_gray_is_replicated(odd):
         gray = np.asarray(im)[..., 0]
     for c in range(3):
         np.testing.assert_array_equal(got[..., c], gray)
+
 
 def test_palette_transparency_is_not_refused_when_warnings_are_errors(odd):
     """PIL warns ('Palette images with Transparency expressed in bytes should be converted to RGBA')
@@ -137,6 +141,7 @@ def test_palette_transparency_is_not_refused_when_warnings_are_errors(odd):
         warnings.simplefilter("error")
         got = load_rgb(files["p_bytes_transparency"])
     np.testing.assert_array_equal(np.asarray(got), _pil_rgb(files["p_bytes_transparency"]))
+
 
 def test_16bit_grayscale_follows_pil(odd):
     """Decision (SPEC §2 prescribes ``Image.open(path).convert('RGB')``, nothing else): a 16-bit
@@ -160,12 +165,14 @@ def test_16bit_grayscale_follows_pil(odd):
     # document the Pillow behaviour this pins: clip, not rescale
     assert got[0, :8, 0].tolist() == [0, 1, 100, 255, 255, 255, 255, 255]
 
+
 @pytest.mark.parametrize("size", TINY_SIZES)
 def test_tiny_images_load(tiny_images, size):
     p = tiny_images[TINY_SIZES.index(size)]
     got = load_rgb(p)
     assert (got.height, got.width) == size
     np.testing.assert_array_equal(np.asarray(got), _pil_rgb(p))
+
 
 @pytest.mark.parametrize(
     "name,words",
@@ -178,6 +185,7 @@ def test_broken_files_raise_image_error_naming_the_file(bad, name, words):
     for w in words:
         assert w in str(ei.value)
 
+
 def test_missing_eoi_marker_is_handled_like_pil(bad):
     """A JPEG missing only its EOI marker: cfga does whatever PIL's convert does (decode or raise)."""
     p = bad["trunc_eoi"]
@@ -188,6 +196,7 @@ def test_missing_eoi_marker_is_handled_like_pil(bad):
             load_rgb(p)
         return
     np.testing.assert_array_equal(np.asarray(load_rgb(p)), expected)  # pragma: no cover
+
 
 @pytest.fixture
 def decode_spy(monkeypatch):
@@ -201,6 +210,7 @@ def decode_spy(monkeypatch):
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
     return calls
+
 
 @pytest.mark.parametrize("name", ["bomb", "bomb_warn"])
 def test_decompression_bomb_refused_from_the_header(bad, decode_spy, name):

@@ -6,8 +6,10 @@ import pytest
 from cfga.extraction.batching import size_buckets
 from cfga.extraction.store import gather_shards, load_features, save_features, shard_plan
 
+
 def _good_feats(n=2):
     return {"pooling": np.ones((n, 4096), np.float32) / 64.0}
+
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 def test_save_features_refuses_non_finite_and_leaves_nothing(tmp_path, bad_value):
@@ -20,6 +22,7 @@ def test_save_features_refuses_non_finite_and_leaves_nothing(tmp_path, bad_value
     assert not target.exists()
     assert not target.parent.exists() or list(target.parent.iterdir()) == []  # no temp file
 
+
 def test_save_features_refusal_keeps_the_previous_file(tmp_path):
     target = tmp_path / "model.npz"
     save_features(target, _good_feats(), [0, 1], ["a.jpg", "b.jpg"], {"v": 1})
@@ -31,12 +34,14 @@ def test_save_features_refusal_keeps_the_previous_file(tmp_path):
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]
 
+
 def test_save_features_refuses_misaligned_paths(tmp_path):
     """Rows, labels and paths must line up; a short paths list would silently shift every path."""
     target = tmp_path / "model.npz"
     with pytest.raises(ValueError, match="paths"):
         save_features(target, _good_feats(), [0, 1], ["a.jpg"], {})
     assert list(tmp_path.iterdir()) == []
+
 
 @pytest.mark.parametrize("seed", range(6))
 def test_shard_plan_deals_whole_batches(seed):
@@ -61,9 +66,11 @@ def test_shard_plan_deals_whole_batches(seed):
             assert sorted(local) == sorted(b for b, s in zip(batches, flat) if s == k)
     assert shard_plan(sizes, batch_size, 1) == [list(range(n))]
 
+
 def _feats(n, rng):
     return {"pooling": rng.standard_normal((n, 4096)).astype(np.float32),
             "cfga_plus": rng.standard_normal((n, 1024)).astype(np.float32)}
+
 
 def test_gather_shards_gives_the_unsharded_bytes(tmp_path):
     rng = np.random.default_rng(0)

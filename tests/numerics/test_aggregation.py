@@ -12,9 +12,11 @@ from cfga.numerics.aggregation import (
 )
 from tests.reference.spec_reference import reference_grad_to_vector
 
+
 def test_kernel_response_1x1_is_abs():
     G = torch.tensor([[[[[-2.0]], [[3.0]]]]])  # [B=1, C_out=1, C_in=2, 1, 1]
     assert torch.equal(kernel_response(G), torch.tensor([[[2.0, 3.0]]]))
+
 
 def test_kernel_response_3x3_range_plus_unbiased_std_no_abs():
     taps = torch.arange(9, dtype=torch.float32) - 6.0  # -6..2: max 2, max(-g) 6, std of 0..8 = sqrt(7.5)
@@ -22,6 +24,7 @@ def test_kernel_response_3x3_range_plus_unbiased_std_no_abs():
     r = kernel_response(G)
     assert r.shape == (1, 1, 1)
     assert r.item() == pytest.approx(2 + 6 + np.sqrt(7.5), rel=1e-6)
+
 
 def test_aggregate_strict_selection_and_mean_over_outputs():
     # r [C_out=2, C_in=3]
@@ -31,13 +34,16 @@ def test_aggregate_strict_selection_and_mean_over_outputs():
     v = aggregate_response(r)
     assert torch.allclose(v, torch.tensor([[3 / 2, 4 / 2, 0.0]]))
 
+
 def test_grad_to_vector_all_equal_gives_zeros():
     G = torch.ones(2, 4, 3, 1, 1)  # every r equal → no strict selection → v = 0 → zeros
     assert torch.equal(grad_to_vector(G), torch.zeros(2, 3))
 
+
 def test_aggregate_response_propagates_nan():
     r = torch.tensor([[[1.0, 4.0, 1.0], [3.0, float("nan"), 1.0]]])
     assert torch.isnan(aggregate_response(r)).any()
+
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_zero_gradient_gives_zero_vector(k):
@@ -50,6 +56,7 @@ def test_zero_gradient_gives_zero_vector(k):
     assert torch.equal(out, torch.zeros(2, 4))
     for b in range(2):
         assert np.array_equal(reference_grad_to_vector(G[b].numpy()), np.zeros(4, np.float32))
+
 
 def test_3x3_constant_kernel_has_zero_response():
     """One kernel of nine equal taps (0.1), every other kernel zero: SPEC §5.1 gives r = 0

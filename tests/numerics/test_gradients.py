@@ -26,6 +26,7 @@ from cfga.numerics.gradients import (
 from cfga.numerics.pooling import l2_normalize
 from tests.reference.spec_reference import reference_grad_to_vector
 
+
 @pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
 def test_per_sample_weight_grad_matches_autograd_per_image(k, pad):
     torch.manual_seed(0)
@@ -41,6 +42,7 @@ def test_per_sample_weight_grad_matches_autograd_per_image(k, pad):
 
 # ---- the extraction's fused path (kernel_responses / cfga_vectors) ---------------------------
 
+
 def _conv_case(k, pad, c_in=6, c_out=5, seed=0, relu=True):
     g = torch.Generator().manual_seed(seed)
     conv = torch.nn.Conv2d(c_in, c_out, k, padding=pad, bias=False)
@@ -50,6 +52,7 @@ def _conv_case(k, pad, c_in=6, c_out=5, seed=0, relu=True):
     dY = torch.randn(3, c_out, 5, 7, generator=g)
     return conv, X, dY
 
+
 def test_kernel_responses_1x1_bit_identical_to_full_gradient_path():
     conv, X, dY = _conv_case(1, 0)
     full = kernel_response(per_sample_weight_grad(X, dY, conv))
@@ -58,6 +61,7 @@ def test_kernel_responses_1x1_bit_identical_to_full_gradient_path():
     for n in range(3):
         assert torch.equal(got[n], full[n])
     assert torch.equal(cfga_vectors(X, dY, conv), grad_to_vector(per_sample_weight_grad(X, dY, conv)))
+
 
 @pytest.mark.parametrize("relu", [True, False])
 def test_kernel_responses_3x3_match_full_gradient_path(relu):
@@ -71,6 +75,7 @@ def test_kernel_responses_3x3_match_full_gradient_path(relu):
     torch.testing.assert_close(got, ref, rtol=2e-6, atol=0)
     v = cfga_vectors(X, dY, conv)
     torch.testing.assert_close(v, grad_to_vector(per_sample_weight_grad(X, dY, conv)), rtol=0, atol=1e-6)
+
 
 @pytest.mark.parametrize("k,pad,dil,stride", [(3, 1, 1, 1), (3, 0, 1, 1), (3, 2, 2, 1), (5, 2, 1, 1), (3, 1, 1, 2)])
 def test_centred_tap_columns_are_unfold_minus_the_tap_mean(k, pad, dil, stride):
@@ -86,6 +91,7 @@ def test_centred_tap_columns_are_unfold_minus_the_tap_mean(k, pad, dil, stride):
     with pytest.raises(ValueError, match="zero padding"):
         centred_tap_columns(X, torch.nn.Conv2d(4, 2, 3, padding=1, padding_mode="reflect"))
 
+
 def test_kernel_responses_3x3_constant_kernels_are_zero():
     """X constant over every 3×3 window's taps (no padding, constant map) → every kernel's gradient
     is constant → r = 0 exactly (std too), so the vector is all zeros, as the oracle's."""
@@ -96,6 +102,7 @@ def test_kernel_responses_3x3_constant_kernels_are_zero():
     assert torch.equal(r, torch.zeros_like(r))
     assert not cfga_vectors(X, dY, conv).any()
 
+
 @pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
 def test_cfga_vectors_propagate_nan_and_keep_images_apart(k, pad):
     conv, X, dY = _conv_case(k, pad)
@@ -104,6 +111,7 @@ def test_cfga_vectors_propagate_nan_and_keep_images_apart(k, pad):
     v = cfga_vectors(X, dY, conv)
     assert torch.isnan(v[1]).all()  # a NaN gradient is reported, never turned into zeros
     assert torch.equal(v[0], clean[0]) and torch.equal(v[2], clean[2])  # other images untouched
+
 
 @pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
 def test_batched_path_matches_the_per_image_path(k, pad, monkeypatch):
@@ -122,6 +130,7 @@ def test_batched_path_matches_the_per_image_path(k, pad, monkeypatch):
     assert torch.isnan(v[1]).all()
     torch.testing.assert_close(v[[0, 2]], per_image[[0, 2]], rtol=0, atol=1e-6)
 
+
 def test_live_positions_keep_every_position_with_a_nonzero_or_nan_gradient():
     dYf = torch.zeros(3, 2, 5)
     dYf[0, 1, [1, 3]] = 1.0
@@ -131,6 +140,7 @@ def test_live_positions_keep_every_position_with_a_nonzero_or_nan_gradient():
     assert live[0].tolist() == [1, 3] and live[1].tolist() == [2]
     assert live[2] is None  # nothing to skip: the product runs on the matrices themselves
     assert live_positions(dYf, below=0.3)[0] is None  # 2 of 5 live: not below 30 %, not worth a copy
+
 
 @pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
 def test_skipping_zero_gradient_positions_changes_nothing(k, pad, monkeypatch):
@@ -155,6 +165,7 @@ def test_skipping_zero_gradient_positions_changes_nothing(k, pad, monkeypatch):
     ref = kernel_response(per_sample_weight_grad(X, dY, conv))
     torch.testing.assert_close(skipped, ref, rtol=2e-6, atol=1e-6)
 
+
 @pytest.mark.parametrize("k,pad", [(1, 0), (3, 1)])
 def test_cfga_vectors_reusing_one_buffer_equal_fresh_responses(k, pad):
     """cfga_vectors writes every image's r over one buffer (kernel_responses(out=...)) and
@@ -166,6 +177,7 @@ def test_cfga_vectors_reusing_one_buffer_equal_fresh_responses(k, pad):
     buf = torch.empty(12, 16)
     seen = [r.data_ptr() for r in kernel_responses(X, dY, conv, out=buf)]
     assert seen == [buf.data_ptr()] * 3
+
 
 def test_grouped_convs_are_refused_by_every_gradient_path():
     conv = torch.nn.Conv2d(4, 4, 1, groups=2, bias=False)

@@ -7,11 +7,13 @@ import torch
 from cfga.numerics.mask import scda_mask
 from cfga.numerics.pooling import l2_normalize, pooling_feature, scda_features
 
+
 def test_l2_normalize_zero_stays_zero():
     v = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     out = l2_normalize(v)
     assert torch.allclose(out[0], torch.tensor([0.6, 0.8]))
     assert torch.equal(out[1], torch.zeros(2))
+
 
 def test_scda_features_hand_computed():
     F = torch.tensor([[[1.0, 3.0]], [[2.0, 0.0]]])  # C=2, 1×2
@@ -28,10 +30,12 @@ def test_scda_features_hand_computed():
     cat1 = np.array([3.0, 0.0, 3.0, 0.0])
     np.testing.assert_allclose(scda1.numpy(), cat1 / np.linalg.norm(cat1), rtol=1e-12)
 
+
 def test_pooling_is_gap_then_gmp_concatenated_then_normalised():
     F = torch.tensor([[[1.0, 3.0]], [[2.0, 0.0]]])
     cat = np.array([2.0, 1.0, 3.0, 2.0])
     np.testing.assert_allclose(pooling_feature(F).numpy(), cat / np.linalg.norm(cat), rtol=1e-6)
+
 
 @pytest.mark.parametrize("shape", [(4, 1, 1), (4, 3, 5)])
 def test_zero_map_pure_functions(shape):
@@ -46,11 +50,13 @@ def test_zero_map_pure_functions(shape):
     p = pooling_feature(F)
     assert torch.isfinite(p).all() and not p.any()
 
+
 def test_empty_mask_on_a_nonzero_map_gives_zeros_not_nan():
     F = torch.rand(4, 3, 3)
     scda, orig = scda_features(F, torch.zeros(3, 3, dtype=torch.bool), float64=False)
     assert torch.isfinite(scda).all() and torch.isfinite(orig).all()
     assert not scda.any() and not orig.any()
+
 
 def test_l2_normalize_zero_and_tiny_match_the_oracle_rule():
     """Zero norm → zeros (SPEC §4.2). A vector so small that Σv² underflows float32 (≲1e-19) also

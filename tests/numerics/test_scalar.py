@@ -3,6 +3,7 @@ import torch
 
 from cfga.numerics.scalar import cfga_scalar
 
+
 def test_scalar_gradient_first_argmax_and_coef_over_hw():
     F = torch.tensor([[[[2.0, 2.0], [1.0, 0.0]]]], requires_grad=True)  # tie at the max
     mask = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])

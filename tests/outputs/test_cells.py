@@ -1,6 +1,7 @@
 """The metrics record of a table cell (cfga.outputs.cells)."""
 import numpy as np
 
+
 def test_metrics_record_is_deterministic_and_carries_provenance():
     """Two CPU runs give identical metrics; the cell JSON carries the feature file's provenance."""
     from cfga.outputs.cells import metrics_record

@@ -8,6 +8,7 @@ from cfga.registry.features import (
     features_for,
 )
 
+
 def test_feature_registry_is_consistent():
     assert features_for("scda") == PROTOCOL_FEATURES["scda"]
     assert set(TABLE5_COLUMNS) <= set(FEATURES)
