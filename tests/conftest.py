@@ -3,10 +3,10 @@
 * ``torch_threads`` (autouse): each test runs with a known torch thread count, 1 unless marked
   ``@pytest.mark.threads(n)``, and the previous count is restored after it. One thread keeps CPU
   results independent of the machine and the suite polite on a shared machine.
-* One small model: a seeded random ResNet-50 (``resnet50``, built once per session; tests that
-  change it take ``resnet50_copy``), the state dict of another seeded one (``resnet50_state``),
-  that state saved once as a checkpoint file (``resnet50_checkpoint``) and with a 512-d DML head
-  (``resnet50_dml``).
+* One small model: a random ResNet-50 initialised under seed 0 (``resnet50``, built once per
+  session; tests that change it take ``resnet50_copy``), its state dict (``resnet50_state``), that
+  state saved once as a checkpoint file (``resnet50_checkpoint``), and its trunk with a 512-d DML
+  head (``resnet50_dml``).
 * ``tiny_images``: PNG files of at most 32 px a side (a 1×1 layer4 map).
 """
 from __future__ import annotations
@@ -44,15 +44,10 @@ def torch_threads(request, _torch_threads_session):
 
 
 @pytest.fixture(scope="session")
-def resnet50_state():
-    """The state dict of a torchvision ResNet-50 initialised under seed 0 (the global RNG is left
-    alone). Shared by the session: never change its tensors in place."""
-    import torch
-    import torchvision
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return torchvision.models.resnet50().state_dict()
+def resnet50_state(_resnet50_shared):
+    """The state dict of ``resnet50`` (a copy: the same numbers as a torchvision ResNet-50
+    initialised under seed 0). Shared by the session: never change its tensors in place."""
+    return {k: v.detach().clone() for k, v in _resnet50_shared.state_dict().items()}
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +89,7 @@ def resnet50_dml(resnet50_state):
 def _resnet50_shared():
     from tests.reference.spec_reference import build_dml_model
 
-    return build_dml_model("resnet50", seed=3)
+    return build_dml_model("resnet50", seed=0)
 
 
 def _fingerprint(model):
@@ -104,7 +99,7 @@ def _fingerprint(model):
 
 @pytest.fixture
 def resnet50(_resnet50_shared):
-    """One seeded random ResNet-50 (reference layout, fc 1000, eval mode) shared by the session:
+    """A random ResNet-50 (seed 0; torchvision layout, fc 1000, eval mode) shared by the session:
     fine for the scda and dgpcrl protocols. A test must not change it (take ``resnet50_copy``);
     that it did not is checked afterwards."""
     before = _fingerprint(_resnet50_shared)

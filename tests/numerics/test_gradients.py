@@ -305,6 +305,14 @@ def _has_constant_nonzero_kernel(G):
     return bool(((flat == flat[..., :1]).all(-1) & (flat[..., 0] != 0)).any())
 
 
+def _on_a_dyadic_grid(G):
+    """G is a drawn grid's small integers (|m| ≤ 3) times a dyadic scale, where float arithmetic
+    (sums, the mean of a constant kernel) is exact; an inexact scale can still give values that
+    are multiples of some power of two (3 × 3.7 = 11.1 is one of 2**-20), hence the bound."""
+    return any(np.array_equal(G, (G / np.float32(s)).round() * np.float32(s)) and np.abs(G / np.float32(s)).max() <= 3
+               for s in DYADIC)
+
+
 def _check_against_oracle(G, r, out, what):
     """Image by image: r within 1e-6 of the oracle's; same selection → the oracle's vector; a
     flipped selection only on near-ties (SPEC S13's accepted band)."""
@@ -341,8 +349,7 @@ def test_fuzz_3x3_equals_oracle_up_to_ties(G):
       of its threshold (SPEC S13's accepted ~1e-8..1e-4 band), and the output is still unit/zero.
     Constant non-zero kernels at an inexact scale are a known defect (spurious std), tested apart
     in test_3x3_constant_kernel_has_zero_response; they are excluded here."""
-    inexact = not any(np.array_equal(G, (G / np.float32(s)).round() * np.float32(s)) for s in DYADIC)
-    assume(not (inexact and _has_constant_nonzero_kernel(G)))
+    assume(not (not _on_a_dyadic_grid(G) and _has_constant_nonzero_kernel(G)))
     whole, r, v = _shipped(G)
     G = whole.numpy()  # 9 × the drawn grid
     out = grad_to_vector(whole).numpy()
