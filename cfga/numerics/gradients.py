@@ -99,8 +99,9 @@ def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *,
         torch.mm(_at(cols[n], live[n]), _at(dYf[n], live[n]).T, out=Gt)
         _centred_tap_response(Gt.view(k2, C_in, C_out), out=rT, dim=0)
         # Back to [C_out, C_in] in memory too: the aggregation's reductions over a transposed view
-        # cost more than this 1 MB copy.
-        yield rT.T.contiguous() if out is None else out.copy_(rT.T)
+        # cost more than this 1 MB copy. (A clone, not .contiguous(): with C_in or C_out = 1 the
+        # transposed view is contiguous already, and the next image would overwrite it.)
+        yield rT.T.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(rT.T)
 
 
 # Positions where an image's dY is exactly zero add only ±0 to its weight gradient: outside the

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from cfga import extract_features, load_model
 from cfga.registry.features import FEATURES, features_for
+from tests.helpers import SIZES
 from tests.reference.spec_reference import (
     build_dml_model,
     jitter_bn,
@@ -13,42 +14,6 @@ from tests.reference.spec_reference import (
 )
 
 MIN_COSINE = 0.9999
-
-# (h, w, mode): above and below 256 on the short side, odd sizes that round half to even, L and
-# CMYK JPEGs, three images of one size (so a batch really holds several), a tiny image (1×1 map).
-SIZES = [
-    (300, 400, "RGB"), (300, 400, "RGB"), (300, 400, "L"), (180, 240, "RGB"), (512, 769, "RGB"),
-    (400, 300, "CMYK"), (100, 150, "RGB"), (281, 281, "RGB"), (24, 30, "RGB"),
-]
-
-
-def _write_images(root, seed=0):
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i, (h, w, mode) in enumerate(SIZES):
-        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        img = Image.fromarray(arr)
-        if i == 1:  # flat image with one rectangle: exact ties in the maps (SPEC S22)
-            img = Image.new("RGB", (w, h), (120, 130, 140))
-            ImageDraw.Draw(img).rectangle([w // 4, h // 4, w // 2, h // 2], fill=(250, 10, 10))
-        p = root / f"img{i}.jpg"
-        img.convert(mode).save(p, quality=90)
-        paths.append(p)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return _write_images(tmp_path_factory.mktemp("imgs"))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, images):
-    """A realistic random ResNet-50 (BN recalibrated + jittered), saved as a user's state dict."""
-    model = jitter_bn(build_dml_model("resnet50", seed=11), seed=5, images=images[:4])
-    path = tmp_path_factory.mktemp("ckpt") / "my_backbone.pth"
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def _reference_model(path):
@@ -64,6 +29,7 @@ def _cosines(a, b):
     return np.where(both_zero, 1.0, cos)
 
 
+@pytest.mark.slow
 def test_every_feature_matches_reference(images, checkpoint):
     model = load_model("resnet50", "scda", checkpoint, device="cpu")
     feats = extract_features(model, images, "scda", batch_size=4)
@@ -79,6 +45,7 @@ def test_every_feature_matches_reference(images, checkpoint):
         assert (np.linalg.norm(arr, axis=1) > 0).mean() > 0.5, name
 
 
+@pytest.mark.slow
 def test_batched_equals_batch_size_one_and_is_deterministic(images, checkpoint):
     model = load_model("resnet50", "scda", checkpoint, device="cpu")
     a = extract_features(model, images, "scda", batch_size=8)
@@ -89,6 +56,7 @@ def test_batched_equals_batch_size_one_and_is_deterministic(images, checkpoint):
         assert np.array_equal(a[name], c[name]), f"{name}: two CPU runs differ"
 
 
+@pytest.mark.slow
 def test_gpu_batched_cfga_path_matches_reference_on_cpu(images, checkpoint, monkeypatch):
     """The batched CFGA step that CUDA uses (cfga.gradients.batched_kernel_responses), forced on
     the CPU so CI covers it: every feature still matches the SPEC reference."""
@@ -121,6 +89,7 @@ def test_pil_inputs_equal_paths(images, checkpoint):
         assert np.array_equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_resnet101_matches_reference(tmp_path, images):
     model = jitter_bn(build_dml_model("resnet101", seed=2), seed=1, images=images[:2])
     path = tmp_path / "r101.pth"
@@ -140,6 +109,7 @@ def test_training_mode_model_is_refused(images, checkpoint):
         extract_features(model, images[:1], "scda")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["ms", "proxy_anchor", "dgpcrl"])
 def test_dml_protocols_match_reference(images, protocol):
     model = jitter_bn(build_dml_model("resnet50", seed=7, protocol=protocol), seed=3, images=images[:3],
@@ -155,9 +125,9 @@ def test_dml_protocols_match_reference(images, protocol):
             assert cos >= MIN_COSINE, f"{protocol}/{name} image {i}: cosine {cos}"
 
 
-def test_empty_mask_without_lcc_falls_back_to_whole_map(images, caplog):
+def test_empty_mask_without_lcc_falls_back_to_whole_map(images, resnet50, caplog):
     """SPEC S6: a ≤ 32 px image gives a 1×1 map; the authors crash without LCC, we use the whole map."""
-    model = build_dml_model("resnet50", seed=7, protocol="dgpcrl")
+    model = resnet50  # the dgpcrl protocol reads a plain torchvision ResNet-50 (fc 1000)
     tiny = [p for p, (h, w, _) in zip(images, SIZES) if min(h, w) <= 32]
     with caplog.at_level("WARNING", logger="cfga.extraction.pipeline"):
         feats = extract_features(model, tiny, "dgpcrl")
@@ -167,6 +137,7 @@ def test_empty_mask_without_lcc_falls_back_to_whole_map(images, caplog):
     assert all(np.isfinite(v).all() for v in feats.values())
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_batch_composition(images, checkpoint):
     """On CPU a row is bit-identical whatever else is in its batch (sharded extraction relies on
     it): the three 300×400 images together, one + two, and in another order."""
@@ -181,39 +152,3 @@ def test_rows_do_not_depend_on_batch_composition(images, checkpoint):
         split = np.concatenate([first[name], rest[name]])
         assert together[name].tobytes() == split.tobytes(), name
         assert together[name].tobytes() == shuffled[name][[1, 2, 0]].tobytes(), name
-
-
-def test_in_process_loaders_equal_the_dataloader_path(images, checkpoint, monkeypatch):
-    """Decoding ahead (background thread), in parallel (each batch on every core) and the
-    DataLoader (a worker process) give the same bytes."""
-    import cfga.extraction.loaders as extract_mod
-
-    model = load_model("resnet50", "scda", checkpoint, device="cpu")
-    subset = images[:5]
-    calls = []
-    for name in ("_decode_ahead", "_decode_parallel"):
-        real = getattr(extract_mod, name)
-        monkeypatch.setattr(extract_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    monkeypatch.setattr(extract_mod, "DECODE_AHEAD", True)
-    ahead = extract_features(model, subset, "scda", batch_size=2)
-    monkeypatch.setattr(extract_mod, "DECODE_AHEAD", False)
-    parallel = extract_features(model, subset, "scda", batch_size=2)
-    loader = extract_features(model, subset, "scda", batch_size=2, num_workers=1)
-    assert calls == ["_decode_ahead", "_decode_parallel"]  # the DataLoader run used neither
-    for name in ahead:
-        assert ahead[name].tobytes() == parallel[name].tobytes() == loader[name].tobytes(), name
-
-
-def test_decode_ahead_auto_only_with_a_free_core(monkeypatch):
-    """'auto' decodes ahead only when torch's threads leave a core idle (on a saturated CPU the
-    decode thread slows the convolutions more than it saves)."""
-    import cfga.extraction.loaders as extract_mod
-
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(extract_mod, "usable_cores", lambda: threads)
-    assert not extract_mod.decode_ahead_wanted("auto")
-    monkeypatch.setattr(extract_mod, "usable_cores", lambda: threads + 1)
-    assert extract_mod.decode_ahead_wanted("auto")
-    assert extract_mod.decode_ahead_wanted(True) and not extract_mod.decode_ahead_wanted(False)
-    with pytest.raises(ValueError, match="DECODE_AHEAD"):
-        extract_mod.decode_ahead_wanted("yes")

@@ -22,14 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from cfga.registry.features import features_for
-from tests.test_workflow import REPO, TINY
+from tests.helpers import REPO
+from tests.workflow.smk import TINY, counts, nothing_to_do, planned
 
-workflow = pytest.mark.workflow
+# every test here builds on real runs
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 # Two datasets of 8 test images (the least the synthetic writer makes); models given by
 # `checkpoint:` files (no training here: tests/test_workflow.py trains): `r50`, a seeded
@@ -70,31 +71,6 @@ def smk(workdir, *args, config, src, check=True, name="config.yaml"):
     return proc
 
 
-def planned(proc) -> list[dict]:
-    """{rule, wildcards, reason} of every job a dry-run plans, except `all`."""
-    jobs = []
-    for line in (proc.stdout + proc.stderr).splitlines():
-        m = re.match(r"^(?:local)?rule (\w+):$", line)
-        if m:
-            jobs.append({"rule": m.group(1), "wildcards": {}, "reason": ""})
-        elif jobs and (m := re.match(r"^\s+wildcards: (.*)$", line)):
-            jobs[-1]["wildcards"].update(kv.split("=", 1) for kv in m.group(1).split(", "))
-        elif jobs and (m := re.match(r"^\s+reason: (.*)$", line)):
-            jobs[-1]["reason"] = m.group(1)
-    return [j for j in jobs if j["rule"] != "all"]
-
-
-def counts(jobs) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for j in jobs:
-        out[j["rule"]] = out.get(j["rule"], 0) + 1
-    return out
-
-
-def nothing_to_do(proc) -> bool:
-    return "Nothing to be done" in proc.stdout + proc.stderr
-
-
 def workflow_copy(dst: Path, base: Path = REPO) -> Path:
     """The workflow's sources, copied (mtimes kept: scripts stay older than the outputs)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -126,15 +102,6 @@ def feature_bytes(wd: Path) -> dict[str, bytes]:
     return {p.relative_to(wd).as_posix(): p.read_bytes() for p in sorted((wd / "results/features").glob("*/*.npz"))}
 
 
-def write_torchvision_checkpoint(out: Path, seed: int = 0) -> None:
-    """A seeded, randomly initialised torchvision ResNet-50 state dict."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(seed)
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), out)
-
-
 def write_ms_checkpoint(backbone: Path, out: Path, seed: int = 0, bump: float = 0.0) -> None:
     """An MS-loss-format checkpoint: the trunk of a torchvision file plus a seeded 512-d head (written atomically)."""
     import torch
@@ -149,11 +116,11 @@ def write_ms_checkpoint(backbone: Path, out: Path, seed: int = 0, bump: float = 
 
 
 @pytest.fixture(scope="module")
-def wf(tmp_path_factory):
+def wf(tmp_path_factory, resnet50_checkpoint):
     """The reference working directory: `all` of R0, then `ext` added (dry-run kept), then `all` of R1."""
     src = workflow_copy(tmp_path_factory.mktemp("src") / "workflow")
     wd = tmp_path_factory.mktemp("reruns")
-    write_torchvision_checkpoint(wd / "r50.pth")
+    shutil.copyfile(resnet50_checkpoint, wd / "r50.pth")  # a seeded torchvision ResNet-50
     smk(wd, "all", config=R0, src=src)
     write_ms_checkpoint(wd / "r50.pth", wd / "ext.pth")
     add_dryrun = smk(wd, "-n", "all", config=R1, src=src)
@@ -171,7 +138,6 @@ def expected_model_jobs(datasets, n_features):
 # incremental reruns
 
 
-@workflow
 def test_reference_run_is_complete_and_stable(wf):
     assert set(wf["features"]) == {"results/features/r_cub/r50.npz", "results/features/r_cars/r50.npz",
                                    "results/features/r_cub/ext.npz"}
@@ -181,7 +147,6 @@ def test_reference_run_is_complete_and_stable(wf):
     assert nothing_to_do(smk(wf["wd"], "-n", "all", config=R1, src=fresh))
 
 
-@workflow
 def test_adding_a_model_adds_only_its_jobs(wf):
     jobs = planned(wf["add_dryrun"])
     assert counts(jobs) == expected_model_jobs(["r_cub"], MS_FEATURES), jobs
@@ -189,7 +154,6 @@ def test_adding_a_model_adds_only_its_jobs(wf):
     assert [j["wildcards"] for j in jobs if j["rule"] == "recall_plot"] == [{"dataset": "r_cub"}]
 
 
-@workflow
 def test_changed_checkpoint_reruns_only_that_model(wf, tmp_path):
     wd = clone(wf["wd"], tmp_path / "wd")
     write_ms_checkpoint(wd / "r50.pth", wd / "ext.pth", bump=1e-3)
@@ -199,7 +163,6 @@ def test_changed_checkpoint_reruns_only_that_model(wf, tmp_path):
     assert "Updated input files: ext.pth" in next(j["reason"] for j in jobs if j["rule"] == "extract_features")
 
 
-@workflow
 def test_table_layout_change_reruns_only_tables(wf, tmp_path):
     src = workflow_copy(tmp_path / "workflow", wf["src"])
     edit(src / "cfga/outputs/tables.py", None, "\n_RERUN_TEST_LAYOUT = 1\n")
@@ -224,7 +187,6 @@ def test_table_layout_change_reruns_only_tables(wf, tmp_path):
     assert counts(jobs) == {"tables": 1}, jobs
 
 
-@workflow
 def test_keys_a_job_does_not_read_rerun_nothing(wf):
     cfg = copy.deepcopy(R1)
     cfg["datasets"]["r_cub"]["extraction_shards"] = 1  # the default, spelled out
@@ -233,7 +195,6 @@ def test_keys_a_job_does_not_read_rerun_nothing(wf):
     assert nothing_to_do(smk(wf["wd"], "-n", "all", config=cfg, src=wf["src"], name="keys.yaml"))
 
 
-@workflow
 def test_feature_code_change_reextracts(wf, tmp_path):
     src = workflow_copy(tmp_path / "workflow", wf["src"])
     # comments and docstrings are not code: nothing reruns
@@ -261,7 +222,6 @@ def sharded(config, shards=3, **per_dataset):
     return cfg
 
 
-@workflow
 def test_sharding_plan(wf, tmp_path):
     """Global 3 shards, 9 for r_cars (more than its 8 test images); nothing upstream reruns."""
     wd = clone(wf["wd"], tmp_path / "wd")
@@ -284,7 +244,6 @@ def test_sharding_plan(wf, tmp_path):
     assert len(blocks) == 3 and all("threads:" not in b and "mem_mb=1234" in b for b in blocks), blocks
 
 
-@workflow
 def test_sharded_extraction_is_byte_identical(wf, tmp_path):
     """ext (ms protocol: one crop size, 4 batches of 2) in 5 shards, more than its batches."""
     wd = clone(wf["wd"], tmp_path / "wd")
@@ -307,7 +266,6 @@ def test_sharded_extraction_is_byte_identical(wf, tmp_path):
 # a killed run
 
 
-@workflow
 def test_killed_run_resumes_without_cleanup(wf, tmp_path):
     wd = clone(wf["wd"], tmp_path / "wd")
     target = wd / "results/features/r_cub/ext.npz"
@@ -349,92 +307,3 @@ def test_killed_run_resumes_without_cleanup(wf, tmp_path):
     assert "Using workflow specific profile" in err  # profiles/default: rerun-incomplete, threads
     assert feature_bytes(wd) == wf["features"]
     assert nothing_to_do(smk(wd, "-n", "all", config=R1, src=wf["src"]))
-
-
-# --------------------------------------------------------------------------------------------
-# the pieces, without Snakemake
-
-
-def test_save_npz_is_byte_deterministic(tmp_path):
-    from cfga import files as io
-
-    arrays = {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "paths": np.asarray(["a", "bb"]),
-              "meta_json": np.asarray('{"k": 1}')}
-    io.save_npz(tmp_path / "a.npz", arrays)
-    os.utime(tmp_path / "a.npz", (0, 0))
-    time.sleep(1.1)  # a zip member stamped with the time would now differ
-    io.save_npz(tmp_path / "b.npz", arrays)
-    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
-    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
-        assert z.files == list(arrays) and z["paths"].tolist() == ["a", "bb"]
-    with pytest.raises(ValueError):
-        io.save_npz(tmp_path / "c.npz", {"o": np.asarray([{"a": 1}], dtype=object)})
-    assert not (tmp_path / "c.npz").exists()
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_shard_plan_deals_whole_batches(seed):
-    from cfga.extraction.batching import size_buckets
-    from cfga.extraction.store import shard_plan
-
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 40))
-    sizes = [(int(h), 7) for h in rng.integers(0, 4, size=n)]  # few sizes: mixed buckets
-    batch_size = int(rng.integers(1, 5))
-    batches = size_buckets(sizes, batch_size)
-    for n_shards in (1, 2, 3, n, n + 3):
-        plan = shard_plan(sizes, batch_size, n_shards)
-        assert len(plan) == n_shards
-        assert sorted(i for s in plan for i in s) == list(range(n))
-        owner = {i: k for k, s in enumerate(plan) for i in s}
-        # whole batches, dealt in order (contiguous runs of the batch list)
-        shard_of_batch = [{owner[i] for i in b} for b in batches]
-        assert all(len(s) == 1 for s in shard_of_batch)
-        flat = [s.pop() for s in shard_of_batch]
-        assert flat == sorted(flat)
-        # a shard's rows, extracted in order, re-form exactly its batches of the unsharded run
-        for k, rows in enumerate(plan):
-            local = [[rows[j] for j in b] for b in size_buckets([sizes[i] for i in rows], batch_size)]
-            assert sorted(local) == sorted(b for b, s in zip(batches, flat) if s == k)
-    assert shard_plan(sizes, batch_size, 1) == [list(range(n))]
-
-
-def _feats(n, rng):
-    return {"pooling": rng.standard_normal((n, 4096)).astype(np.float32),
-            "cfga_plus": rng.standard_normal((n, 1024)).astype(np.float32)}
-
-
-def test_gather_shards_gives_the_unsharded_bytes(tmp_path):
-    from cfga.extraction.store import gather_shards, load_features, save_features
-
-    rng = np.random.default_rng(0)
-    n = 7
-    feats = _feats(n, rng)
-    labels = [3, 3, 4, 4, 5, 5, 5]
-    paths = [f"img/{i}{'x' * i}.jpg" for i in range(n)]  # lengths differ: the str dtype must be the whole's
-    meta = {"checkpoint_sha256": "ab", "device": "cpu", "protocol": "scda"}
-    save_features(tmp_path / "whole.npz", feats, labels, paths, meta)
-    plan = [[0, 1, 4], [], [2, 3], [5, 6]]  # not contiguous, one empty shard
-    shard_paths = []
-    for k, rows in enumerate(plan):
-        p = tmp_path / f"s{k}.npz"
-        save_features(p, {f: a[rows] for f, a in feats.items()}, [labels[i] for i in rows],
-                      [paths[i] for i in rows], meta, rows=rows)
-        shard_paths.append(p)
-    assert gather_shards(shard_paths, tmp_path / "gathered.npz", expected_paths=paths) == n
-    assert (tmp_path / "gathered.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
-    got, got_labels, got_paths, got_meta = load_features(tmp_path / "gathered.npz")
-    assert got_meta == meta and got_paths.tolist() == paths
-
-    with pytest.raises(ValueError, match="tile"):
-        gather_shards(shard_paths[:-1], tmp_path / "bad.npz", expected_paths=paths)
-    with pytest.raises(ValueError, match="manifest image"):
-        gather_shards(shard_paths, tmp_path / "bad.npz", expected_paths=paths[::-1])
-    other = tmp_path / "other.npz"
-    save_features(other, {f: a[[5, 6]] for f, a in feats.items()}, labels[5:], paths[5:],
-                  {**meta, "checkpoint_sha256": "cd"}, rows=[5, 6])
-    with pytest.raises(ValueError, match="checkpoint_sha256"):
-        gather_shards(shard_paths[:-1] + [other], tmp_path / "bad.npz", expected_paths=paths)
-    with pytest.raises(ValueError, match="not a shard file"):
-        gather_shards([tmp_path / "whole.npz"], tmp_path / "bad.npz")
-    assert not (tmp_path / "bad.npz").exists()

@@ -1,10 +1,9 @@
-"""DML fine-tuning (cfga.train): each loss trains, saves in the authors' format, and reloads exactly."""
+"""DML fine-tuning (cfga.training.dml): each loss trains, saves in the authors' format, and reloads exactly."""
 import json
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image, ImageDraw
 
 from cfga.backbones.heads import head_embedding
@@ -52,10 +51,9 @@ def data():
     return images, labels
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return torchvision.models.resnet50().state_dict()
+@pytest.fixture
+def backbone(resnet50_state):
+    return resnet50_state
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +61,7 @@ def probe():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
 def test_each_loss_trains_saves_and_reloads(loss, data, backbone, probe, tmp_path):
     images, labels = data
@@ -92,6 +91,7 @@ def test_each_loss_trains_saves_and_reloads(loss, data, backbone, probe, tmp_pat
     assert rec["batch_size_used"] == 16 and rec["freeze_bn"] is True
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_on_cpu(data, backbone):
     images, labels = data
     s = TrainSettings(epochs=1, image_size=48, batch_size=16, m_per_class=4, seed=3)

@@ -32,7 +32,8 @@ import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 TOOL = REPO / "tools" / "slurm-local.sh"
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 LOCAL_PROFILE = REPO / "profiles" / "default" / "config.yaml"
@@ -245,6 +246,9 @@ class _Snakemake:
         return rc, seconds, out
 
 
+@pytest.mark.slow
+@pytest.mark.workflow
+@pytest.mark.slurm
 def test_workflow_on_slurm_equals_local_run(slurm, tmp_path):
     site = _site_profile(tmp_path / "site_profile")
     on_slurm = tmp_path / "slurm_run"

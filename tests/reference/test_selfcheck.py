@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -458,6 +458,7 @@ def test_end_to_end_features(model_b_and_jpeg, protocol):
     np.testing.assert_array_equal(feats["cfga_plus"], np.concatenate([feats["cfga_4_1_2"], feats["cfga_4_2_2"]]))
 
 
+@pytest.mark.slow
 def test_end_to_end_deterministic_and_no_grad_accumulation(model_b_and_jpeg):
     model, path = model_b_and_jpeg
     a = ref.reference_features(model, path, "ms")

@@ -1,13 +1,11 @@
 """The shipped configs validate against the schema; the paper config names every paper row."""
-from pathlib import Path
-
 import pytest
 import yaml
 from snakemake.utils import validate
 
 from cfga.outputs.tables import FAMILIES, load_published, model_family
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "schemas" / "config.schema.yaml")
 
 
@@ -34,13 +32,14 @@ def test_bad_key_is_named():
         validate(cfg, SCHEMA)
 
 
+@pytest.mark.workflow
 def test_default_config_plans_from_another_working_directory(tmp_path):
     """--directory elsewhere: the relative `tables.published` resolves to the repository's file."""
     import shutil
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     shutil.copy(repo / "config.yaml", tmp_path / "config.yaml")
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "--snakefile", str(repo / "Snakefile"), "--directory", str(tmp_path),

@@ -1,4 +1,4 @@
-"""Tests for cfga.metrics: the authors' Recall@K (SPEC §8.1) and MAP@R (SPEC §8.3).
+"""Tests for cfga.numerics.metrics: the authors' Recall@K (SPEC §8.1) and MAP@R (SPEC §8.3).
 
 Reference implementations below are deliberately literal per-query numpy loops.
 """
@@ -418,18 +418,3 @@ def test_small_path_equals_blockwise_path_and_skips_torch():
             "retrieval_metrics(np.eye(4), [0, 0, 1, 1]); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
-
-
-def test_metrics_record_is_deterministic_and_carries_provenance():
-    """Two CPU runs give identical metrics; the cell JSON carries the feature file's provenance."""
-    from cfga.outputs.cells import metrics_record
-
-    rng = np.random.default_rng(9)
-    X = rng.normal(size=(200, 16)).astype(np.float32)
-    y = rng.integers(0, 10, 200)
-    meta = {"checkpoint_sha256": "ab" * 32, "manifest_sha256": "cd" * 32, "device": "cpu"}
-    a = metrics_record(X, y, dataset="d", model="m", feature="cfga_plus", provenance=meta)
-    b = metrics_record(X, y, dataset="d", model="m", feature="cfga_plus", provenance=meta)
-    assert a == b
-    assert a["provenance"]["checkpoint_sha256"] == "ab" * 32
-    assert a["paper_column"] == "CFGA+" and a["n_queries"] == 200

@@ -1,10 +1,9 @@
 """Paper-layout tables: published values only beside real rows that name a paper row."""
-from pathlib import Path
-
 from cfga.outputs.tables import load_published, long_rows, table5
 from cfga.registry.features import RECALL_KS, TABLE5_COLUMNS
+from tests.helpers import REPO
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "paper" / "published_recall_at_1.csv"
+PUBLISHED = REPO / "paper" / "published_recall_at_1.csv"
 
 
 def _cell(dataset, model, feature, r1):

@@ -2,13 +2,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from cfga.runtime import usable_cores
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def _run(script, *args, cwd):
@@ -18,6 +18,7 @@ def _run(script, *args, cwd):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_extract_speed_runs_and_cfga_matches_the_authors_pattern(tmp_path):
     out = tmp_path / "summary.json"
     stdout = _run("extract_speed.py", "--n", "3", "--repeats", "1", "--size", "96x128", "--threads", "1",
@@ -31,8 +32,10 @@ def test_extract_speed_runs_and_cfga_matches_the_authors_pattern(tmp_path):
 
 
 @pytest.mark.parametrize("script,args", [
-    ("metrics_speed.py", ["--n", "600", "--dim", "16", "--repeats", "1", "--threads", "1"]),
-    ("metrics_speed.py", ["--suite", "--n", "600", "--configs", "cub:16,sop:16", "--threads", "1"]),
+    pytest.param("metrics_speed.py", ["--n", "600", "--dim", "16", "--repeats", "1", "--threads", "1"],
+                 marks=pytest.mark.slow),
+    pytest.param("metrics_speed.py", ["--suite", "--n", "600", "--configs", "cub:16,sop:16", "--threads", "1"],
+                 marks=pytest.mark.slow),
     ("featurestore_speed.py", ["--rows", "40", "--repeats", "1"]),
 ])
 def test_other_benchmarks_run(script, args, tmp_path):

@@ -1,55 +1,27 @@
-"""The Snakemake DAG end to end on a tiny config: outputs, no-op rerun, one-cell targets, config errors."""
+"""The Snakemake DAG on a tiny config: one real end-to-end run (outputs, then a no-op rerun), and
+dry runs where the plan shows the answer (one-cell targets, config errors)."""
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from cfga.registry.features import FEATURES, RECALL_KS, features_for
+from tests.workflow.smk import TINY, planned, snakemake
 
 pytestmark = pytest.mark.workflow
-
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "datasets": {
-        "tiny_cub": {"format": "cub", "synthetic": {"classes": 6, "images_per_class": 5, "seed": 3}},
-        "tiny_cars": {"format": "cars", "synthetic": {"classes": 6, "images_per_class": 5, "seed": 4}},
-    },
-    "models": {
-        "tiny_r50": {"arch": "resnet50", "protocol": "scda",
-                     "pretrain": {"epochs": 1, "image_size": 48, "batch_size": 8, "seed": 0}},
-        # a DML model trained by the pipeline (authors' ms format), on one dataset only
-        "tiny_ms": {"arch": "resnet50", "protocol": "ms", "datasets": ["tiny_cub"],
-                    "train": {"loss": "ms", "from": "tiny_r50", "epochs": 1, "image_size": 48, "batch_size": 8}},
-    },
-    "extraction": {"device": "cpu", "batch_size": 4},
-    "tables": {"published": str(REPO / "paper" / "published_recall_at_1.csv")},
-}
-
-
-def snakemake(workdir, *args, config=TINY, check=True):
-    cfg = Path(workdir) / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-           str(workdir), "--cores", "2", *args, "--configfile", str(cfg)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
 def run_all(tmp_path_factory):
+    """The one real run of the workflow here: `all` of TINY (synthetic data, pretraining, DML
+    training, extraction, metrics, tables, plots)."""
     wd = tmp_path_factory.mktemp("wf")
     snakemake(wd, "all")
     return wd
 
 
+@pytest.mark.slow
 def test_all_produces_manifests_features_metrics_tables(run_all):
     wd = run_all
     for ds in TINY["datasets"]:
@@ -95,23 +67,27 @@ def test_all_produces_manifests_features_metrics_tables(run_all):
     assert (wd / "logs/features/tiny_cub/tiny_r50.log").read_text().strip()
 
 
+@pytest.mark.slow
 def test_second_run_does_nothing(run_all):
-    proc = snakemake(run_all, "all")
+    proc = snakemake(run_all, "-n", "all")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
 def test_one_cell_builds_only_its_chain(tmp_path):
+    """The plan (dry run) for one cell: exactly the chain that cell needs, nothing of the other
+    dataset, no other cell, no tables."""
     target = "results/metrics/tiny_cars/tiny_r50/cfga_plus.json"
-    proc = snakemake(tmp_path, target)
-    assert (tmp_path / target).exists()
+    proc = snakemake(tmp_path, "-n", target)
     log = proc.stdout + proc.stderr
     for rule, n in [("synthesize_cars", 1), ("ingest_dataset", 1), ("pretrain_backbone", 1),
                     ("extract_features", 1), ("compute_metrics", 1)]:
         assert any(line.split()[:2] == [rule, str(n)] for line in log.splitlines()), (rule, log[-3000:])
-    made = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "results").rglob("*") if p.is_file()}
+    made = {p for job in planned(proc) for p in job["output"]}
+    assert target in made
     assert not any("tiny_cub" in p for p in made)
     assert [p for p in made if p.startswith("results/metrics/")] == [target]
-    assert not (tmp_path / "results/tables").exists()
+    assert not any(p.startswith("results/tables") for p in made)
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
 def test_config_typo_fails_naming_the_key(tmp_path):
