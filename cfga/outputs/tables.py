@@ -98,6 +98,19 @@ def model_family(mcfg: Mapping) -> str:
     return {"proxy_anchor": "proxy_anchor", "dgpcrl": "dgpcrl"}.get(mcfg["protocol"], "msloss")
 
 
+def published_value(published: Mapping[tuple[str, str, str, str], float], dataset_cfg: Mapping,
+                    model_cfg: Mapping, feature: str) -> float | None:
+    """Published R@1 (%) of a feature of a (dataset, model) row, or None: only a real dataset and a
+    model that both name a paper row have one (the first table, in ``TABLES`` order, that lists it)."""
+    if _row_kind(dataset_cfg) != "real" or not dataset_cfg.get("paper") or not model_cfg.get("paper"):
+        return None
+    for t in TABLES:
+        v = published.get((t, dataset_cfg["paper"], model_cfg["paper"], feature))
+        if v is not None:
+            return v
+    return None
+
+
 def _feature_for(column: str, protocol: str) -> str:
     return "scda" if column == "embedding" and protocol == "scda" else column
 
