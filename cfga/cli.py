@@ -177,7 +177,6 @@ def retrieve(args) -> int:
 
     mcfg = plan["cfg"]["models"][args.model]
     _say(f"loading {args.model} ({mcfg['arch']}, protocol {plan['protocol']}) from {plan['checkpoint']}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(mcfg["arch"], plan["protocol"], plan["checkpoint"], device=plan["device"],
                        allow_pickle=mcfg.get("allow_pickle", False), format=mcfg.get("format"))
     _say(f"extracting {len(args.queries)} quer{'y' if len(args.queries) == 1 else 'ies'}")

@@ -30,9 +30,13 @@ def _gallery_rule(model):
             root="results/datasets/{dataset}",
         output:
             **{f"csv_{f}": report(f"{base}/{f}.csv", category="Retrieval", subcategory="{dataset}",
-                                  caption="../report/retrieval_csv.rst") for f in feats},
+                                  caption="../report/retrieval_csv.rst",
+                                  labels={"model": model, "feature": FEATURES[f].column, "shows": "neighbours (CSV)"})
+               for f in feats},
             **{f"png_{f}": report(f"{base}/{f}.png", category="Retrieval", subcategory="{dataset}",
-                                  caption="../report/gallery.rst") for f in feats},
+                                  caption="../report/gallery.rst",
+                                  labels={"model": model, "feature": FEATURES[f].column, "shows": "gallery"})
+               for f in feats},
         wildcard_constraints:
             dataset=_dataset_pattern(model_datasets(model)),
         params:
@@ -64,7 +68,10 @@ rule retrieval_compare:
         root="results/datasets/{dataset}",
     output:
         report("results/retrieval/{dataset}/compare.png", category="Retrieval", subcategory="{dataset}",
-               caption="../report/compare.rst"),
+               caption="../report/compare.rst",
+               labels=lambda wc: {"model": layout.compare_model(DATASETS, MODELS, RETRIEVAL, wc.dataset),
+                                  "feature": " vs ".join(FEATURES[f].column for f in RETRIEVAL["compare"]),
+                                  "shows": "side by side"}),
     params:
         model=lambda wc: layout.compare_model(DATASETS, MODELS, RETRIEVAL, wc.dataset),
         features=RETRIEVAL["compare"],
@@ -96,7 +103,7 @@ def _heatmap_rule(dataset):
             checkpoints=[checkpoint_path(dataset, m) for m in models],
         output:
             [report(f"results/heatmaps/{dataset}/{m}.png", category="Heatmaps", subcategory=dataset,
-                    caption="../report/heatmaps.rst") for m in models],
+                    caption="../report/heatmaps.rst", labels={"model": m, "shows": "CFGA maps"}) for m in models],
         params:
             dataset=dataset,
             models={m: {k: MODELS[m].get(k) for k in ("arch", "protocol", "allow_pickle", "format")} for m in models},
