@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="neighbours per query (default: the config's retrieval.k, else the schema's default)")
     r.add_argument("--configfile", default="config.yaml", help="workflow config (default: config.yaml)")
     r.add_argument("-o", "--output", default="retrieval.png",
-                   help="gallery figure to write, PNG (default: retrieval.png)")
+                   help="gallery figure to write, PNG, also with --csv (default: retrieval.png)")
     r.add_argument("--csv", action="store_true",
                    help="print CSV rows query,rank,path,class,similarity instead of the table")
     r.add_argument("--device", default=None,
@@ -166,8 +166,6 @@ def _plan(args) -> dict:
 
 def retrieve(args) -> int:
     plan = _plan(args)
-    import torch
-
     from cfga import extract_features, load_model
     from cfga.extraction.maps import cfga_heatmaps
     from cfga.outputs.gallery import Cell, UNKNOWN, neighbour_cell, query_cell, render_grid
@@ -180,7 +178,8 @@ def retrieve(args) -> int:
     model = load_model(mcfg["arch"], plan["protocol"], plan["checkpoint"], device=plan["device"],
                        allow_pickle=mcfg.get("allow_pickle", False), format=mcfg.get("format"))
     _say(f"extracting {len(args.queries)} quer{'y' if len(args.queries) == 1 else 'ies'}")
-    q = extract_features(model, list(args.queries), plan["protocol"])[args.feature]
+    q = extract_features(model, list(args.queries), plan["protocol"], progress=len(args.queries) > 1,
+                         desc="queries")[args.feature]
     ns = external_neighbours(q, plan["gallery"], plan["k"])
     names, labels, paths = plan["names"], plan["labels"], plan["paths"]
 
