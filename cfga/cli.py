@@ -194,9 +194,10 @@ def retrieve(args) -> int:
     else:
         for query, row in zip(args.queries, ns):
             print(f"{query}: top-{plan['k']} of {args.dataset} by {FEATURES[args.feature].column} ({args.model})")
-            print(f"{'rank':>4}  {'similarity':>10}  {'class':<30}  path")
+            width = max(5, *(len(cls(n.index)) for n in row))
+            print(f"{'rank':>4}  {'similarity':>10}  {'class':<{width}}  path")
             for n in row:
-                print(f"{n.rank:>4}  {n.similarity:>10.6f}  {cls(n.index):<30}  {paths[n.index]}")
+                print(f"{n.rank:>4}  {n.similarity:>10.6f}  {cls(n.index):<{width}}  {paths[n.index]}")
     sys.stdout.flush()
 
     _say("CFGA heatmaps")
