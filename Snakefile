@@ -19,6 +19,10 @@ include: "rules/train.smk"
 include: "rules/features.smk"
 include: "rules/metrics.smk"
 include: "rules/tables.smk"
+include: "rules/retrieval.smk"
+
+
+report: "report/workflow.rst"
 
 
 rule all:

@@ -12,6 +12,7 @@ from cfga.registry.datasets import dataset_ks, get_format
 from cfga.registry.features import FEATURES, features_for
 from cfga.registry.losses import LOSSES
 from cfga.workflow.locks import guard_run
+from cfga.workflow import layout
 
 # The schema is the only source of defaults: validate fills them in. Nothing below writes to
 # `config`; what is derived from it is read through the functions here.
@@ -80,11 +81,34 @@ def metric_targets():
 TABLE_NAMES = ("table3", "table5", "table6")
 
 
+RETRIEVAL = config["retrieval"]
+for _key in ("features", "compare"):
+    _unknown = [f for f in RETRIEVAL[_key] if f not in FEATURES]
+    if _unknown:
+        raise WorkflowError(f"config: retrieval.{_key} names unknown features {_unknown}; known: {', '.join(FEATURES)}")
+
+
+def gallery_targets():
+    """Per (dataset, model): a CSV and a PNG per retrieval feature the model's protocol has; per
+    dataset the side-by-side figure; per (dataset, model) the heatmaps."""
+    out = []
+    for d, m in pairs():
+        for f in layout.gallery_features(RETRIEVAL, MODELS[m]["protocol"]):
+            out += [f"results/retrieval/{d}/{m}/{f}.csv", f"results/retrieval/{d}/{m}/{f}.png"]
+        out.append(f"results/heatmaps/{d}/{m}.png")
+    for d in DATASETS:
+        if layout.compare_model(DATASETS, MODELS, RETRIEVAL, d):
+            out.append(f"results/retrieval/{d}/compare.png")
+    return out
+
+
 def all_targets():
     return [
         *[f"results/tables/{t}.{ext}" for t in TABLE_NAMES for ext in ("csv", "md")],
         "results/tables/all_metrics.csv",
         *[f"results/plots/recall_at_k_{d}.png" for d in DATASETS],
+        *[f"results/plots/recall_at_1_{d}.png" for d in DATASETS],
+        *gallery_targets(),
     ]
 
 
@@ -155,12 +179,7 @@ _check_datasets()
 
 def checkpoint_path(dataset, model):
     """Weights file of a model on a dataset: the config's file, or what the pipeline trains."""
-    cfg = MODELS[model]
-    if "pretrain" in cfg:
-        return f"results/checkpoints/pretrained/{dataset}/{model}.pth"
-    if "train" in cfg:
-        return f"results/checkpoints/trained/{dataset}/{model}.pth"
-    return cfg["checkpoint"]
+    return layout.checkpoint_path(MODELS, dataset, model)
 
 
 def checkpoint_for(wildcards):

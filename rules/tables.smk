@@ -42,3 +42,18 @@ rule recall_plot:
         "logs/plots/{dataset}.log",
     script:
         "../workflow_scripts/plot_recall.py"
+
+
+rule recall_at_1_plot:
+    input:
+        metrics=lambda wc: [t for t in metric_targets() if t.startswith(f"results/metrics/{wc.dataset}/")],
+        published=published_table(),
+    output:
+        report("results/plots/recall_at_1_{dataset}.png", category="Plots", caption="../report/recall_at_1.rst"),
+    params:
+        datasets=DATASETS,
+        models=MODELS,
+    log:
+        "logs/plots/recall_at_1_{dataset}.log",
+    script:
+        "../workflow_scripts/plot_recall_at_1.py"

@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models import resnet
 
 from cfga.numerics.gradients import cfga_vectors, per_sample_weight_grad
-from cfga.registry.features import CFGA_LAYERS
+from cfga.registry.features import CFGA_LAYERS, cfga_name
 
 ARCHS = {
     "resnet50": torchvision.models.resnet50,
@@ -140,6 +140,12 @@ class Layer4Tail:
             for hd in handles:
                 hd.remove()
         return F
+
+    def layer_inputs(self, names) -> dict[str, torch.Tensor]:
+        """The inputs X [B, C_in, h, w] of the CFGA convs named ``names`` (feature keys, e.g.
+        ``cfga_4_1_2``) from the last ``forward``; call before ``vectors`` (which frees them)."""
+        index = {cfga_name(b, c): i for i, (b, c) in enumerate(CFGA_LAYERS)}
+        return {n: self._io[index[n]][0] for n in names}
 
     def vectors(self, L: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (index, CFGA unit vectors [B, C_in]) for the six convs (``cfga_vectors``)."""

@@ -25,7 +25,7 @@ from cfga.extraction.preprocess import ImageLike, cap_700, output_size, peek_siz
 from cfga.numerics.mask import scda_mask
 from cfga.numerics.pooling import l2_normalize, pooling_feature, scda_features
 from cfga.numerics.scalar import cfga_scalar
-from cfga.registry.features import CFGA_LAYERS, cfga_name, feature_dim
+from cfga.registry.features import CFGA_LAYERS, CFGA_PLUS_LAYERS, cfga_name, feature_dim
 from cfga.registry.protocols import HEADS, Protocol, get_protocol
 from cfga.runtime import keep_freed_memory, model_device, usable_cores
 
@@ -80,8 +80,14 @@ def stored_embedding(net: nn.Module, F: torch.Tensor, kind: str) -> torch.Tensor
     return l2_normalize(head_embedding(net.fc, F, kind))
 
 
-def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
-    """All features of one same-size batch x [B, 3, H, W] → {name: float32 [B, D]} on x's device."""
+def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol, maps: dict | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """All features of one same-size batch x [B, 3, H, W] → {name: float32 [B, D]} on x's device.
+
+    ``maps`` (opt-in, for heatmaps): a dict filled, from this very forward pass, with ``mask``
+    (the SCDA mask, bool [B, h, w]) and ``inputs`` ({CFGA+ layer name: its input activations
+    [B, C_in, h, w]}, ``CFGA_PLUS_LAYERS`` order). None (the default) computes nothing extra.
+    """
     with torch.no_grad():
         h = trunk_to_layer4_0(net, cap_700(x))
     tail = Layer4Tail(net)
@@ -95,13 +101,16 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[
     coef = ((fh * fw) / a).float()  # (h·w)/a as a Python-float-like double, then float32 as torch does
 
     L = cfga_scalar(F, mask_t, coef)
+    if maps is not None:
+        maps["mask"] = masks.detach()
+        maps["inputs"] = tail.layer_inputs(CFGA_PLUS_LAYERS)
     if protocol.embedding in HEADS:
         with torch.no_grad():
             out["embedding"] = stored_embedding(net, Fd, protocol.embedding)
     for i, v in tail.vectors(L):
         b, c = CFGA_LAYERS[i]
         out[cfga_name(b, c)] = v
-    out["cfga_plus"] = torch.cat([out[cfga_name(1, 2)], out[cfga_name(2, 2)]], dim=1)
+    out["cfga_plus"] = torch.cat([out[n] for n in CFGA_PLUS_LAYERS], dim=1)
     return {k: out[k] for k in protocol.features}
 
 

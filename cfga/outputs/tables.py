@@ -142,6 +142,19 @@ def table_config(datasets: Mapping[str, Mapping], models: Mapping[str, Mapping])
     return ds, ms
 
 
+def published_value(published: Mapping[tuple[str, str, str, str], float], dataset_cfg: Mapping,
+                    model_cfg: Mapping, feature: str) -> float | None:
+    """Published R@1 (%) of a feature of a (dataset, model) row, or None: only a real dataset and a
+    model that both name a paper row have one (the first table, in ``TABLES`` order, that lists it)."""
+    if _row_kind(dataset_cfg) != "real" or not dataset_cfg.get("paper") or not model_cfg.get("paper"):
+        return None
+    for t in TABLES:
+        v = published.get((t, dataset_cfg["paper"], model_cfg["paper"], feature))
+        if v is not None:
+            return v
+    return None
+
+
 def _feature_for(column: str, protocol: str) -> str:
     return "scda" if column == "embedding" and protocol == "scda" else column
 

@@ -59,6 +59,9 @@ FEATURES: dict[str, Feature] = {
 
 CFGA_FEATURES: tuple[str, ...] = tuple(cfga_name(b, c) for b, c in CFGA_LAYERS)
 
+# The layers CFGA+ concatenates, in its order (layer4.1.conv2, layer4.2.conv2; SPEC §5.5).
+CFGA_PLUS_LAYERS: tuple[str, ...] = (cfga_name(1, 2), cfga_name(2, 2))
+
 # Features each protocol produces, in storage order (SPEC §1.3, §5.5).
 PROTOCOL_FEATURES: dict[str, tuple[str, ...]] = {
     "scda": ("pooling", "scda", "scda_original", *CFGA_FEATURES, "cfga_plus"),

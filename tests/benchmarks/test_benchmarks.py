@@ -40,3 +40,10 @@ def test_extract_speed_runs_and_cfga_matches_the_authors_pattern(tmp_path):
 ])
 def test_other_benchmarks_run(script, args, tmp_path):
     assert _run(script, *args, cwd=tmp_path).strip()
+
+
+def test_retrieve_speed_runs(tmp_path):
+    out = tmp_path / "summary.json"
+    _run("retrieve_speed.py", "--gallery", "30", "--repeats", "1", "--threads", "1", "--json", str(out), cwd=tmp_path)
+    summary = json.loads(out.read_text())
+    assert summary["gallery"] == 30 and len(summary["seconds"]) == 1 and summary["median_s"] > 0

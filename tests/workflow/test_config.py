@@ -48,3 +48,39 @@ def test_default_config_plans_from_another_working_directory(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rule tables" in proc.stdout + proc.stderr
+
+
+def test_retrieval_defaults_come_from_the_schema():
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg.pop("retrieval", None)
+    validate(cfg, SCHEMA)
+    assert cfg["retrieval"] == {"queries": 8, "k": 8, "features": ["pooling", "scda", "cfga_plus", "embedding"],
+                                "compare": ["scda", "cfga_plus"]}
+
+
+def test_retrieval_plan_and_unknown_feature(tmp_path):
+    """The default plan has galleries, heatmaps and R@1 bars; a misspelt retrieval feature is named."""
+    import subprocess
+    import sys
+
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+
+    def plan(c):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(c))
+        return subprocess.run(
+            [sys.executable, "-m", "snakemake", "-n", "all", "--snakefile", str(REPO / "Snakefile"), "--directory",
+             str(tmp_path), "--configfile", str(tmp_path / "c.yaml"), "--cores", "1"],
+            capture_output=True, text=True, timeout=300)
+
+    proc = plan(cfg)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for target in ("results/retrieval/synth_cub/synthetic_r50/cfga_plus.csv",
+                   "results/retrieval/synth_cars/ms_loss/embedding.png",
+                   "results/retrieval/synth_cub/compare.png", "results/heatmaps/synth_cars/arcface.png",
+                   "results/plots/recall_at_1_synth_cub.png"):
+        assert target in out, target
+    assert "results/retrieval/synth_cub/proxy_anchor/scda.png" not in out  # proxy_anchor has no SCDA
+    cfg["retrieval"] = {"features": ["cfga_pls"]}
+    proc = plan(cfg)
+    assert proc.returncode != 0 and "retrieval.features names unknown features ['cfga_pls']" in proc.stdout + proc.stderr
