@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cfga.backbones import embedding_fc, family_of
 from cfga.backbones.heads import head_embedding
 from cfga.backbones.resnet import Layer4Tail, trunk_to_layer4_0
 from cfga.extraction.batching import size_buckets
@@ -82,6 +83,10 @@ def stored_embedding(net: nn.Module, F: torch.Tensor, kind: str) -> torch.Tensor
 
 def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
     """All features of one same-size batch x [B, 3, H, W] → {name: float32 [B, D]} on x's device."""
+    if family_of(net) != "resnet":
+        from cfga.extraction.transformer import transformer_batch_features
+
+        return transformer_batch_features(net, x, protocol)
     with torch.no_grad():
         h = trunk_to_layer4_0(net, cap_700(x))
     tail = Layer4Tail(net)
@@ -123,14 +128,21 @@ def extract_features(
 ) -> dict[str, np.ndarray]:
     """Every feature of ``protocol`` for ``images`` (paths or PIL images), in input order.
 
-    model:  a torchvision-layout ResNet (``cfga.load_model``), eval mode, on its device.
+    model:  a torchvision-layout ResNet, Swin or ViT (``cfga.load_model``), eval mode, on its device.
     Returns {feature name: float32 [N, D]} with the names of ``cfga.features.features_for``.
     """
     proto = get_protocol(protocol)
     device = model_device(model)
     if model.training:
         raise ValueError("model must be in eval() mode (BN running statistics; SPEC §3)")
-    if proto.embedding in HEADS and getattr(model.fc, "out_features", None) != 512:
+    family = family_of(model)
+    if family != "resnet":
+        from cfga.extraction.transformer import check_transformer
+
+        names = check_transformer(model, proto)
+    else:
+        names = proto.features
+    if proto.embedding in HEADS and getattr(embedding_fc(model), "out_features", None) != 512:
         raise ValueError(f"protocol {proto.name} needs the 512-d embedding head as model.fc (load the "
                          "checkpoint with cfga.load_model)")
     if batch_size is None:
@@ -167,5 +179,9 @@ def extract_features(
                 out[name][idx.numpy()] = arr
             bar.update(len(idx))
     if not images:
-        out = {n: np.zeros((0, feature_dim(n, proto.name)), np.float32) for n in proto.features}
+        if family != "resnet":
+            from cfga.extraction.transformer import empty_features
+
+            return empty_features(model, proto)
+        out = {n: np.zeros((0, feature_dim(n, proto.name)), np.float32) for n in names}
     return out
