@@ -92,5 +92,11 @@ def empty_features(net: nn.Module, protocol: Protocol) -> dict:
     """{name: float32 [0, D]} for an empty image list."""
     import numpy as np
 
-    C = family_module(family_of(net)).channels(net)
-    return {n: np.zeros((0, transformer_feature_dim(n, C)), np.float32) for n in net_features(net, protocol)}
+    fam = family_of(net)
+    bb = family_module(fam)
+    # A CFGA feature is as long as its weight's input; the rest follow the token map's C.
+    dims = dict(zip(cfga_names_of_blocks(block_labels(fam, bb.block_count(net))),
+                    (w.shape[1] for w in bb.cfga_weights(net))))
+    C = bb.channels(net)
+    return {n: np.zeros((0, dims[n] if n in dims else transformer_feature_dim(n, C)), np.float32)
+            for n in net_features(net, protocol)}
