@@ -88,3 +88,51 @@ def tail(net: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, l
     g = net.image_size // net.patch_size
     F = T[:, 1:].reshape(B, g, g, C).permute(0, 3, 1, 2)
     return F, T[:, 0], io
+
+
+# ---- checkpoint layouts (TRANSFORMERS.md §1): key maps onto torchvision's module names ----
+
+COMPUTED_BUFFERS: tuple[str, ...] = ()
+
+LAYOUTS = {
+    "torchvision": "torchvision ViT state dict (class_token, conv_proj.*, encoder.*, heads.*)",
+    "timm": "timm ViT (cls_token, pos_embed, patch_embed.proj.*, blocks.{j}.attn.qkv.*, blocks.{j}.mlp.fc1.*, "
+            "norm.*, head.*)",
+}
+
+_TIMM_BLOCK = (("norm1.", "ln_1."), ("norm2.", "ln_2."), ("attn.qkv.weight", "self_attention.in_proj_weight"),
+               ("attn.qkv.bias", "self_attention.in_proj_bias"), ("attn.proj.", "self_attention.out_proj."),
+               ("mlp.fc1.", "mlp.0."), ("mlp.fc2.", "mlp.3."))
+_TIMM_TOP = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding",
+             "patch_embed.proj.weight": "conv_proj.weight", "patch_embed.proj.bias": "conv_proj.bias",
+             "norm.weight": "encoder.ln.weight", "norm.bias": "encoder.ln.bias",
+             "head.weight": "heads.head.weight", "head.bias": "heads.head.bias"}
+
+
+def sniff_layout(state) -> str | None:
+    if "class_token" in state and "encoder.pos_embedding" in state:
+        return "torchvision"
+    if "cls_token" in state and "blocks.0.attn.qkv.weight" in state:
+        return "timm"
+    return None
+
+
+def to_torchvision_keys(state: dict, layout: str) -> dict:
+    if layout == "torchvision":
+        return dict(state)
+    out = {}
+    for k, v in state.items():
+        out[_rename_timm(k)] = v
+    return out
+
+
+def _rename_timm(k: str) -> str:
+    if k in _TIMM_TOP:
+        return _TIMM_TOP[k]
+    parts = k.split(".", 2)
+    if parts[0] == "blocks" and len(parts) == 3 and parts[1].isdigit():
+        rest = parts[2]
+        for a, b in _TIMM_BLOCK:
+            if rest.startswith(a):
+                return f"encoder.layers.encoder_layer_{parts[1]}.{b}{rest[len(a):]}"
+    return k
