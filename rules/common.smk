@@ -7,6 +7,7 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from cfga.registry.archs import check_protocol
 from cfga.registry.features import FEATURES, features_for
 
 validate(config, "../schemas/config.schema.yaml")
@@ -24,6 +25,13 @@ if not os.path.isabs(config["tables"]["published"]) and not os.path.exists(confi
 
 DATASETS = config["datasets"]
 MODELS = config["models"]
+
+# Which protocols fit which backbone family (cfga.registry.archs): a misfit stops here, at once.
+for _name, _m in MODELS.items():
+    try:
+        check_protocol(_m["arch"], _m["protocol"])
+    except ValueError as _err:
+        raise WorkflowError(f"config: models.{_name}: {_err}") from None
 
 # Extraction shards per dataset: `datasets.<name>.extraction_shards`, else the global
 # `extraction_shards` (default 1: one job per (dataset, model), no shard files). Taken out of the
@@ -57,11 +65,11 @@ def metric_targets():
     return [
         f"results/metrics/{d}/{m}/{f}.json"
         for d, m in pairs()
-        for f in features_for(MODELS[m]["protocol"])
+        for f in features_for(MODELS[m]["protocol"], MODELS[m]["arch"])
     ]
 
 
-TABLE_NAMES = ("table3", "table5", "table6")
+TABLE_NAMES = ("table3", "table5", "table6", "transformers")
 
 
 def all_targets():

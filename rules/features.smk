@@ -59,6 +59,9 @@ EXTRACTION_CODE = (
     "numerics/gradients.py", "numerics/aggregation.py", "numerics/mask.py", "numerics/pooling.py",
     "numerics/scalar.py", "registry/protocols.py", "backbones/resnet.py", "backbones/heads.py",
     "checkpoints/formats.py", "checkpoints/load.py", "files.py", "runtime.py",
+    # the Transformer path (TRANSFORMERS.md)
+    "extraction/transformer.py", "backbones/__init__.py", "backbones/capture.py", "backbones/swin.py",
+    "backbones/vit.py", "checkpoints/transformer.py", "registry/archs.py",
 )
 EXTRACTION_DIGEST = code_digest(
     EXTRACTION_CODE,

@@ -21,7 +21,7 @@ rule tables:
         datasets=DATASETS,
         models=MODELS,
         tables=TABLE_NAMES,
-        code=code_digest(("outputs/tables.py", "registry/features.py", "files.py")),
+        code=code_digest(("outputs/tables.py", "registry/features.py", "registry/archs.py", "files.py")),
     log:
         "logs/tables/tables.log",
     script:
