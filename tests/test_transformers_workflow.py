@@ -64,7 +64,17 @@ def test_swin_model_plans_its_cells_and_the_transformer_table(tmp_path):
     cfg = json.loads(json.dumps(TINY))
     cfg["models"]["tiny_swin"] = {"arch": "swin_t", "protocol": "scda",
                                   "pretrain": {"epochs": 1, "image_size": 48, "batch_size": 8}}
+    cfg["models"]["tiny_swin_ms"] = {"arch": "swin_t", "protocol": "ms", "datasets": ["tiny_cub"],
+                                     "train": {"loss": "ms", "from": "tiny_swin", "epochs": 1, "image_size": 48,
+                                               "batch_size": 8}}
     proc = snakemake(tmp_path, "-n", "all", config=cfg)
     out = proc.stdout + proc.stderr
     assert "results/metrics/tiny_cub/tiny_swin/cfga_4_1_fc2.json" in out
+    assert "results/metrics/tiny_cub/tiny_swin_ms/embedding.json" in out
+    assert "results/checkpoints/trained/tiny_cub/tiny_swin_ms.pth" in out
     assert "results/tables/transformers.md" in out
+    bad = json.loads(json.dumps(cfg))
+    bad["models"]["tiny_swin_ms"]["train"]["loss"] = "proxy_anchor"
+    bad["models"]["tiny_swin_ms"]["protocol"] = "proxy_anchor"
+    proc = snakemake(tmp_path, "-n", "all", config=bad, check=False)
+    assert proc.returncode != 0 and "protocols for swin" in proc.stdout + proc.stderr
