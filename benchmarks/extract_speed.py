@@ -46,11 +46,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cfga import extract_features
 from cfga.backbones.resnet import trunk_to_layer4_0
-from cfga.extraction.loaders import (
-    decode_ahead_wanted,
-    in_process_batches,
-    size_buckets,
-)
+from cfga.extraction.batching import size_buckets
+from cfga.extraction.loaders import decode_ahead_wanted, in_process_batches
 from cfga.extraction.pipeline import default_batch_size
 from cfga.extraction.preprocess import output_size, peek_size, preprocess
 from cfga.numerics.mask import largest_component
