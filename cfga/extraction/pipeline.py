@@ -23,6 +23,7 @@ from cfga.backbones.resnet import Layer4Tail, trunk_to_layer4_0
 from cfga.extraction.batching import size_buckets
 from cfga.extraction.loaders import _collate, _ImageSet, in_process_batches
 from cfga.extraction.preprocess import ImageLike, cap_700, output_size, peek_size
+from cfga.extraction.transformer import check_transformer, empty_features, transformer_batch_features
 from cfga.numerics.mask import scda_mask
 from cfga.numerics.pooling import l2_normalize, pooling_feature, scda_features
 from cfga.numerics.scalar import cfga_scalar
@@ -84,8 +85,6 @@ def stored_embedding(net: nn.Module, F: torch.Tensor, kind: str) -> torch.Tensor
 def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
     """All features of one same-size batch x [B, 3, H, W] → {name: float32 [B, D]} on x's device."""
     if family_of(net) != "resnet":
-        from cfga.extraction.transformer import transformer_batch_features
-
         return transformer_batch_features(net, x, protocol)
     with torch.no_grad():
         h = trunk_to_layer4_0(net, cap_700(x))
@@ -136,12 +135,7 @@ def extract_features(
     if model.training:
         raise ValueError("model must be in eval() mode (BN running statistics; SPEC §3)")
     family = family_of(model)
-    if family != "resnet":
-        from cfga.extraction.transformer import check_transformer
-
-        names = check_transformer(model, proto)
-    else:
-        names = proto.features
+    names = check_transformer(model, proto) if family != "resnet" else proto.features
     if proto.embedding in HEADS and getattr(embedding_fc(model), "out_features", None) != 512:
         raise ValueError(f"protocol {proto.name} needs the 512-d embedding head as model.fc (load the "
                          "checkpoint with cfga.load_model)")
@@ -180,8 +174,6 @@ def extract_features(
             bar.update(len(idx))
     if not images:
         if family != "resnet":
-            from cfga.extraction.transformer import empty_features
-
             return empty_features(model, proto)
         out = {n: np.zeros((0, feature_dim(n, proto.name)), np.float32) for n in names}
     return out
