@@ -18,13 +18,17 @@ def family_module(family: str) -> ModuleType:
     return importlib.import_module(f"cfga.backbones.{family}")
 
 
-def family_of(net) -> str:
-    """The family of a torchvision net ("resnet", "swin" or "vit"), from its class."""
+def family_of(net, default: str | None = None) -> str:
+    """The family of a torchvision net ("resnet", "swin" or "vit"), from its class; another class
+    gets ``default`` (the extraction passes "resnet": its ResNet path predates the families and
+    accepts any module with a ResNet's attributes), or a ValueError when None."""
     from torchvision.models import ResNet, SwinTransformer, VisionTransformer
 
     for cls, fam in ((ResNet, "resnet"), (SwinTransformer, "swin"), (VisionTransformer, "vit")):
         if isinstance(net, cls):
             return fam
+    if default is not None:
+        return default
     raise ValueError(f"unsupported backbone {type(net).__name__}: expected a torchvision ResNet, "
                      "SwinTransformer or VisionTransformer (load it with cfga.load_model)")
 
@@ -36,4 +40,4 @@ def builder(arch: str):
 
 def embedding_fc(net):
     """The module holding a DML net's 512-d embedding head: ``fc`` (ResNet), ``head`` (Swin)."""
-    return net.fc if family_of(net) == "resnet" else net.head
+    return net.fc if family_of(net, default="resnet") == "resnet" else net.head

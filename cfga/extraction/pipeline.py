@@ -84,7 +84,7 @@ def stored_embedding(net: nn.Module, F: torch.Tensor, kind: str) -> torch.Tensor
 
 def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
     """All features of one same-size batch x [B, 3, H, W] → {name: float32 [B, D]} on x's device."""
-    if family_of(net) != "resnet":
+    if family_of(net, default="resnet") != "resnet":
         return transformer_batch_features(net, x, protocol)
     with torch.no_grad():
         h = trunk_to_layer4_0(net, cap_700(x))
@@ -134,7 +134,7 @@ def extract_features(
     device = model_device(model)
     if model.training:
         raise ValueError("model must be in eval() mode (BN running statistics; SPEC §3)")
-    family = family_of(model)
+    family = family_of(model, default="resnet")
     names = check_transformer(model, proto) if family != "resnet" else proto.features
     if proto.embedding in HEADS and getattr(embedding_fc(model), "out_features", None) != 512:
         raise ValueError(f"protocol {proto.name} needs the 512-d embedding head as model.fc (load the "
