@@ -225,8 +225,9 @@ def linear_vectors(X: torch.Tensor, dY: torch.Tensor, *, batched: bool | None = 
     dY [B, T, C_out] output gradients of each image's T tokens → unit vectors [B, C_in].
 
     Image n's weight gradient is ``G_n = dY_nᵀ X_n`` [C_out, C_in]; r = |G_n|, then SPEC §5.2's
-    aggregation. Tokens whose dY row is exactly zero add ±0 to G_n and are skipped when enough
-    of them are (``SKIP_ZERO_POSITIONS_BELOW['1x1']``). ``batched``: as in ``cfga_vectors``.
+    aggregation. Tokens whose dY row or X row is exactly zero add ±0 to G_n (dY: outside the mask
+    after the last token mixing; X: a Swin window's padding tokens) and are skipped when enough of
+    them are (``SKIP_ZERO_POSITIONS_BELOW['1x1']``). ``batched``: as in ``cfga_vectors``.
     """
     if batched is None:
         batched = X.device.type != "cpu"
@@ -235,7 +236,10 @@ def linear_vectors(X: torch.Tensor, dY: torch.Tensor, *, batched: bool | None = 
     if batched:
         r = torch.bmm(dY.transpose(1, 2), X).abs_()
         return l2_normalize(aggregate_response(r))
-    live = live_positions(dY.transpose(1, 2), SKIP_ZERO_POSITIONS_BELOW["1x1"])
+    rows = (dY.ne(0).sum(dim=-1, dtype=torch.int32) > 0) & (X.ne(0).sum(dim=-1, dtype=torch.int32) > 0)
+    counts = rows.sum(dim=1).tolist()
+    below = SKIP_ZERO_POSITIONS_BELOW["1x1"] * T
+    live = [rows[n].nonzero().view(-1) if c < below else None for n, c in enumerate(counts)]
     v = torch.empty(B, C_in, dtype=dY.dtype, device=dY.device)
     r = torch.empty(C_out, C_in, dtype=dY.dtype, device=dY.device)
     scratch = torch.empty_like(r)
