@@ -3,6 +3,14 @@
 ``cfga.backbones.resnet``, ``.swin`` and ``.vit`` each own what differs between families; this
 module only tells a net's family and hands out the family module (imported lazily: the ResNet
 path never pays for the Transformer modules' imports).
+
+A Transformer family module provides: ``ARCHS`` (builders), ``trunk(net, x)`` (no autograd, up to
+the input of the second-to-last block), ``tail(net, h)`` → (F [B, C, h, w], class token or None,
+[(X, Y)] of the eight CFGA linears), ``cfga_blocks``, ``cfga_weights``, ``channels``,
+``block_count``, and its checkpoint layouts: ``LAYOUTS``, ``sniff_layout(state)``,
+``to_torchvision_keys(state, layout)``, ``COMPUTED_BUFFERS``. The ResNet module keeps its own,
+older shape (``trunk_to_layer4_0``, ``Layer4Tail``; formats in ``cfga.checkpoints.formats``):
+its features are pinned byte for byte, so it was left as it is.
 """
 from __future__ import annotations
 
