@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 import cfga as _cfga
-from cfga.registry.features import CFGA_LAYERS, PROTOCOL_FEATURES, feature_dim
+from cfga.registry.archs import ARCH_INFO, FAMILY_PROTOCOLS
+from cfga.registry.features import CFGA_LAYERS, PROTOCOL_FEATURES, feature_dim, features_for
 
 # The package the workflow imported (beside the Snakefile, else the installed one).
 CFGA_DIR = Path(_cfga.__file__).resolve().parent
@@ -68,6 +69,11 @@ EXTRACTION_DIGEST = code_digest(
     extra={
         "cfga_layers": CFGA_LAYERS,
         "features": {p: [[f, feature_dim(f, p)] for f in fs] for p, fs in PROTOCOL_FEATURES.items()},
+        "transformer_features": {
+            a.name: {p: [[f, feature_dim(f, p, a.name)] for f in features_for(p, a.name)]
+                     for p in FAMILY_PROTOCOLS[a.family]}
+            for a in ARCH_INFO.values() if a.family != "resnet"
+        },
     },
 )
 
