@@ -20,6 +20,11 @@ over --repeats:
       equally tuned forward; reported, not a target;
   (c) cfga.extract_features: all 10 features.
 Prints images/s, (c)/(b), (c)/(b') and (a)/(c), and the largest deviation of (c) from (a).
+
+With a Swin or ViT ``--arch`` (swin_t, vit_b_16, …; protocol scda for Swin, scda_224 for ViT) it
+times (b) the floor — the same in-process loader and batches as (c), a plain forward to the token
+map (Swin: features + norm; ViT: encoder) and pooling — against (c) cfga.extract_features with all
+features, and checks (c) against batch size 1 (TRANSFORMERS.md §8's "any batch composition").
 """
 from __future__ import annotations
 
@@ -189,6 +194,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None, help="also write the summary here")
     args = ap.parse_args()
+    if not args.arch.startswith("resnet"):
+        return transformer_main(args)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -256,6 +263,95 @@ def main() -> None:
           + f"   (median {summary['cfga_over_floor_median_of_repeats']:.3f})")
     for name, d in dev.items():
         print(f"  {name:<14} max|Δ| {d['max_abs']:.2e}  min cos {d['min_cosine']:.7f}")
+    print(json.dumps(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+# ---------------------------------------------------------------- Swin / ViT
+def transformer_model(arch: str, device: torch.device) -> torch.nn.Module:
+    """Random weights, LayerNorm affine parameters spread out (at init every token's channels sum
+    to ~0, which no trained net does and which would make the SCDA mask noise)."""
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)(weights=None)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return net.eval().to(device)
+
+
+def transformer_floor(net, paths, device, batch_size, proto) -> np.ndarray:
+    """(b): same loader and batches as cfga.extract_features, plain forward to the token map + pooling."""
+    sizes = [output_size(*peek_size(p), proto.resize) for p in paths]
+    batches = size_buckets(sizes, batch_size)
+    if device.type == "cpu":
+        loader = in_process_batches(paths, batches, proto.resize)
+    else:
+        loader = ((idx, torch.stack([preprocess(paths[i], proto.resize) for i in idx])) for idx in batches)
+    swin = isinstance(net, torchvision.models.SwinTransformer)
+    out = []
+    with torch.no_grad():
+        for _, x in loader:
+            x = x.to(device)
+            if swin:
+                F = net.norm(net.features(x)).flatten(1, 2)  # [B, hw, C]
+            else:
+                t = net._process_input(x)
+                F = net.encoder(torch.cat([net.class_token.expand(x.shape[0], -1, -1), t], dim=1))[:, 1:]
+            out.append(torch.cat([F.mean(1), F.amax(1)], 1).cpu())
+    return torch.cat(out).numpy()
+
+
+def transformer_main(args) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    h, w = map(int, args.size.split("x"))
+    tmp = tempfile.TemporaryDirectory()
+    paths = make_images(Path(tmp.name), args.n, h, w)
+    net = transformer_model(args.arch, device)
+    protocol = "scda_224" if args.arch.startswith("vit") else "scda"
+    proto = get_protocol(protocol)
+    bs = args.batch_size or default_batch_size(device)
+    runs = {
+        "floor": lambda: transformer_floor(net, paths, device, bs, proto),
+        "cfga": lambda: extract_features(net, paths, protocol, batch_size=bs, num_workers=args.num_workers),
+    }
+    for f in runs.values():
+        f()
+    times = {k: [] for k in runs}
+    results = {}
+    keys = list(runs)
+    for rep in range(args.repeats):
+        for k in keys[rep % len(keys):] + keys[: rep % len(keys)]:
+            sync(device)
+            t0 = time.perf_counter()
+            results[k] = runs[k]()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / args.n)
+    single = extract_features(net, paths[: min(4, args.n)], protocol, batch_size=1)
+    dev = max(float(np.abs(single[k] - results["cfga"][k][: len(paths[:4])]).max()) for k in single)
+    per_img = {k: statistics.median(v) for k, v in times.items()}
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    summary = {
+        "device": str(device), "card": card, "threads": args.threads, "torch": torch.__version__,
+        "arch": args.arch, "protocol": protocol, "n": args.n, "jpeg_size": args.size, "batch_size": bs,
+        "s_per_image": per_img, "images_per_s": {k: 1 / v for k, v in per_img.items()},
+        "runs_s_per_image": times,
+        "cfga_over_floor": per_img["cfga"] / per_img["floor"],
+        "cfga_over_floor_per_repeat": [c / f for c, f in zip(times["cfga"], times["floor"])],
+        "cfga_over_floor_median_of_repeats": statistics.median(c / f for c, f in zip(times["cfga"], times["floor"])),
+        "max_abs_dev_vs_batch_size_1": dev,
+        "features": list(results["cfga"]),
+    }
+    print(f"{'method':<12}{'s/img':>10}{'img/s':>10}   ({args.arch}, {protocol}, batch size {bs}; every repeat, s/img)")
+    for k in runs:
+        print(f"{k:<12}{per_img[k]:>10.4f}{1 / per_img[k]:>10.1f}   " + " ".join(f"{t:.4f}" for t in times[k]))
+    print(f"cfga/floor = {summary['cfga_over_floor']:.3f}   per repeat: "
+          + " ".join(f"{r:.3f}" for r in summary["cfga_over_floor_per_repeat"])
+          + f"   max |cfga − batch size 1| = {dev:.2e}")
     print(json.dumps(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

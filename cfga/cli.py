@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 EXIT_USAGE = 2
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
 class UsageError(Exception):
@@ -26,13 +25,11 @@ def _say(msg: str) -> None:
 
 
 def schema_default(*keys: str):
-    """The config schema's default at ``properties.<k1>.properties.<k2>...`` (the one home of
-    config defaults), or None when the schema is not beside the package."""
-    import yaml
+    """The config schema's default at ``properties.<k1>.properties.<k2>...`` (the packaged schema,
+    cfga.registry.config: the one home of config defaults), or None."""
+    from cfga.registry.config import config_schema
 
-    if not SCHEMA.is_file():
-        return None
-    node = yaml.safe_load(SCHEMA.read_text(encoding="utf-8"))
+    node = config_schema()
     for k in keys:
         node = node.get("properties", {}).get(k, {})
     return node.get("default")
@@ -113,7 +110,7 @@ def _plan(args) -> dict:
         raise UsageError(f"--model: {args.model} does not run on {args.dataset} (its datasets: "
                          f"{', '.join(layout.model_datasets(datasets, models, args.model))}); choose another model")
     protocol = models[args.model]["protocol"]
-    have = features_for(protocol)
+    have = features_for(protocol, models[args.model]["arch"])
     if args.feature not in have:
         known = "" if args.feature in FEATURES else " (not a cfga feature)"
         raise UsageError(f"--feature: model {args.model} (protocol {protocol}) does not produce {args.feature!r}"
@@ -172,6 +169,7 @@ def retrieve(args) -> int:
     from cfga.outputs.heatmaps import overlay
     from cfga.outputs.retrieval import QUERY_COLUMNS, external_neighbours
     from cfga.registry.features import CFGA_PLUS_LAYERS, FEATURES
+    from cfga.workflow import layout
 
     mcfg = plan["cfg"]["models"][args.model]
     _say(f"loading {args.model} ({mcfg['arch']}, protocol {plan['protocol']}) from {plan['checkpoint']}")
@@ -200,18 +198,26 @@ def retrieve(args) -> int:
                 print(f"{n.rank:>4}  {n.similarity:>10.6f}  {cls(n.index):<{width}}  {paths[n.index]}")
     sys.stdout.flush()
 
-    _say("CFGA heatmaps")
-    maps = cfga_heatmaps(model, list(args.queries), plan["protocol"])
     rows = []
+    if layout.has_heatmaps(mcfg):
+        _say("CFGA heatmaps")
+        maps = cfga_heatmaps(model, list(args.queries), plan["protocol"])
+        layers = CFGA_PLUS_LAYERS
+    else:  # a Transformer: no CFGA maps yet (README)
+        maps = [None] * len(args.queries)
+        layers = ()
     for query, m, row in zip(args.queries, maps, ns):
-        cells = [query_cell(m.image, Path(query).name[:22]),
-                 *[Cell(overlay(m.image, m.cfga_maps[n], m.mask), UNKNOWN, FEATURES[n].column) for n in CFGA_PLUS_LAYERS]]
+        if m is None:
+            cells = [query_cell(Path(query), Path(query).name[:22])]
+        else:
+            cells = [query_cell(m.image, Path(query).name[:22]),
+                     *[Cell(overlay(m.image, m.cfga_maps[n], m.mask), UNKNOWN, FEATURES[n].column) for n in layers]]
         cells += [neighbour_cell(plan["root"] / paths[n.index], n.rank, n.similarity, None, cls(n.index)[:22])
                   for n in row]
         rows.append(cells)
-    heads = [(0, "query"), (1, "CFGA maps (SCDA mask: yellow)"), (1 + len(CFGA_PLUS_LAYERS), "neighbours")]
+    heads = [(0, "query"), *([(1, "CFGA maps (SCDA mask: yellow)")] if layers else []), (1 + len(layers), "neighbours")]
     render_grid(rows, args.output, f"{args.dataset} / {args.model} / {FEATURES[args.feature].column}: "
-                f"top-{plan['k']} by dot product", group_titles=heads, gaps_after=[0, len(CFGA_PLUS_LAYERS)])
+                f"top-{plan['k']} by dot product", group_titles=heads, gaps_after=[0, *([len(layers)] if layers else [])])
     _say(f"wrote {args.output}")
     return 0
 

@@ -8,6 +8,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from cfga.registry.archs import check_protocol
 from cfga.registry.datasets import dataset_ks, get_format
 from cfga.registry.features import FEATURES, features_for
 from cfga.registry.losses import LOSSES
@@ -20,6 +21,13 @@ validate(config, "../schemas/config.schema.yaml")
 
 DATASETS = config["datasets"]
 MODELS = config["models"]
+
+# Which protocols fit which backbone family (cfga.registry.archs): a misfit stops here, at once.
+for _name, _m in MODELS.items():
+    try:
+        check_protocol(_m["arch"], _m["protocol"])
+    except ValueError as _err:
+        raise WorkflowError(f"config: models.{_name}: {_err}") from None
 
 
 def published_table():
@@ -74,11 +82,11 @@ def metric_targets():
     return [
         f"results/metrics/{d}/{m}/{f}.json"
         for d, m in pairs()
-        for f in features_for(MODELS[m]["protocol"])
+        for f in features_for(MODELS[m]["protocol"], MODELS[m]["arch"])
     ]
 
 
-TABLE_NAMES = ("table3", "table5", "table6")
+TABLE_NAMES = ("table3", "table5", "table6", "transformers")
 
 
 RETRIEVAL = config["retrieval"]
@@ -93,9 +101,10 @@ def gallery_targets():
     dataset the side-by-side figure; per (dataset, model) the heatmaps."""
     out = []
     for d, m in pairs():
-        for f in layout.gallery_features(RETRIEVAL, MODELS[m]["protocol"]):
+        for f in layout.gallery_features(RETRIEVAL, MODELS[m]["protocol"], MODELS[m]["arch"]):
             out += [f"results/retrieval/{d}/{m}/{f}.csv", f"results/retrieval/{d}/{m}/{f}.png"]
-        out.append(f"results/heatmaps/{d}/{m}.png")
+        if layout.has_heatmaps(MODELS[m]):
+            out.append(f"results/heatmaps/{d}/{m}.png")
     for d in DATASETS:
         if layout.compare_model(DATASETS, MODELS, RETRIEVAL, d):
             out.append(f"results/retrieval/{d}/compare.png")

@@ -23,7 +23,7 @@ HEATMAP_CODE = scripts_fingerprint(
 def _gallery_rule(model):
     """One job per (dataset, model): every gallery feature of the model (a rule per model, since
     the features it writes depend on its protocol)."""
-    feats = layout.gallery_features(RETRIEVAL, MODELS[model]["protocol"])
+    feats = layout.gallery_features(RETRIEVAL, MODELS[model]["protocol"], MODELS[model]["arch"])
     if not feats:
         return
     base = f"results/retrieval/{{dataset}}/{model}"
@@ -97,7 +97,7 @@ rule retrieval_compare:
 # maps of the CFGA+ layers from that same pass (cfga.extraction.maps). One job per dataset for all
 # its models: the imports (torch, torchvision) cost more CPU than one model's eight images.
 def _heatmap_rule(dataset):
-    models = [m for d, m in pairs() if d == dataset]
+    models = [m for d, m in pairs() if d == dataset and layout.has_heatmaps(MODELS[m])]
     if not models:
         return
 

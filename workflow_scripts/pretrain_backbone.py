@@ -1,4 +1,4 @@
-"""Train the offline stand-in backbone on a dataset's train split; save a torchvision state dict."""
+"""Train the offline stand-in backbone (ResNet or Swin) on a dataset's train split; save a torchvision state dict."""
 import sys
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import torch
 from _common import rule_logging
 
 from cfga import files
-from cfga.backbones.resnet import ARCHS
+from cfga.backbones import builder
 from cfga.data.manifest import read_manifest
 from cfga.runtime import resolve_device
 from cfga.training.pretrain import PretrainSettings, train_classifier
@@ -21,7 +21,7 @@ with rule_logging(sm) as log:
     device = resolve_device(sm.params.device)
     log.info("training %s on %d train images of %s (%s)", sm.params.arch, len(rows), sm.wildcards.dataset, device)
     state, history = train_classifier(
-        ARCHS[sm.params.arch], [root / r.path for r in rows], [r.label for r in rows], settings,
+        builder(sm.params.arch), [root / r.path for r in rows], [r.label for r in rows], settings,
         device=device, progress=True,
     )
     with files.atomic_path(sm.output.checkpoint) as tmp:

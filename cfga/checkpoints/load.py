@@ -23,7 +23,9 @@ from cfga.checkpoints.formats import (
     sniff_format,
     to_torchvision,
 )
+from cfga.checkpoints.transformer import checkpoint_family, load_transformer
 from cfga.files import sha256_file
+from cfga.registry.archs import ARCH_INFO, arch_info, check_protocol
 from cfga.registry.features import EMBED_DIM
 from cfga.registry.protocols import HEADS, get_protocol
 
@@ -69,6 +71,10 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found; check the models: entry in the config")
     obj = _torch_load(path, allow_pickle)
+    other = checkpoint_family(obj)
+    if other is not None and other != "resnet":
+        raise CheckpointError(f"{path}: this is a {other} checkpoint, but the config says arch: {arch} (resnet). "
+                              f"Set `arch:` to the file's {other} architecture or use a ResNet file.")
     if fmt is None:
         try:
             fmt = sniff_format(obj)
@@ -139,10 +145,13 @@ def load_model(
     from cfga.checkpoints.load import load_checkpoint
     from cfga.runtime import resolve_device
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    info = arch_info(arch)
     get_protocol(protocol)
+    check_protocol(arch, protocol)
     path = Path(checkpoint_path)
+    if info.family != "resnet":
+        return _load_transformer_model(arch, protocol, path, device=resolve_device(device),
+                                       allow_pickle=allow_pickle, format=format)
     if path.name in IMAGENET_V2_FILES:
         raise CheckpointError(
             f"{path}: this is torchvision's IMAGENET1K_V2 file; the paper used the V1 weights "
@@ -150,10 +159,7 @@ def load_model(
         )
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found; check the models: entry in the config")
-    m = _HUB_NAME.match(path.name)
-    if m and m["stem"].startswith("resnet") and m["stem"] != arch:
-        raise CheckpointError(f"{path}: file name says {m['stem']} but the config says arch: {arch}")
-    verify_hub_hash(path)
+    _check_hub_name(path, arch)
 
     net, meta = load_checkpoint(path, arch, format, allow_pickle=allow_pickle)
     if protocol in HEADS and meta["format"] != protocol:
@@ -162,5 +168,34 @@ def load_model(
             f"but this file is format {meta['format']}. Check `protocol:` / `format:` of this model."
         )
     net.to(resolve_device(device))
+    net.cfga_meta = {**meta, "protocol": protocol, "checkpoint_sha256": meta["sha256"]}
+    return net
+
+
+def _check_hub_name(path: Path, arch: str) -> None:
+    """A torch.hub-style name (``<arch>-<sha256 prefix>.pth``) must name ``arch`` and match its hash."""
+    m = _HUB_NAME.match(path.name)
+    if m and (m["stem"].startswith("resnet") or m["stem"] in ARCH_INFO) and m["stem"] != arch:
+        raise CheckpointError(f"{path}: file name says {m['stem']} but the config says arch: {arch}")
+    verify_hub_hash(path)
+
+
+def _load_transformer_model(arch: str, protocol: str, path: Path, *, device, allow_pickle: bool,
+                            format: str | None) -> nn.Module:
+    """``load_model`` for a Swin / ViT arch (cfga.checkpoints.transformer)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found; check the models: entry in the config")
+    _check_hub_name(path, arch)
+    obj = _torch_load(path, allow_pickle)
+    net, meta = load_transformer(path, obj, arch, protocol)
+    if format is not None and format not in (meta["format"], meta["layout"]):
+        raise CheckpointError(f"{path}: the config says format: {format}, but its keys are the {meta['layout']} "
+                              f"layout{' with an ms head' if meta['format'] == 'ms' else ''}; drop `format:`")
+    if protocol in HEADS and meta["format"] != protocol:
+        raise CheckpointError(
+            f"{path}: protocol {protocol} evaluates the 512-d embedding head of an {protocol}-format checkpoint "
+            f"(as `train:` writes it), but this file has none (layout {meta['layout']}). Check `protocol:`.")
+    meta.update(checkpoint=str(path), sha256=sha256_file(path))
+    net.to(device)
     net.cfga_meta = {**meta, "protocol": protocol, "checkpoint_sha256": meta["sha256"]}
     return net

@@ -75,3 +75,19 @@ def save_dgpcrl(path: str | os.PathLike, net: nn.Module, n_cls: int, seed: int =
     ``net.fc`` is ignored (DGPCRL's embedding is parameter-free pooling).
     """
     _save(path, dgpcrl_state(net, n_cls, seed))
+
+
+def swin_ms_state(net: nn.Module) -> dict:
+    """A Swin DML net → {'model': torchvision Swin keys without head.* + class_fc.weight [512, C] +
+    class_fc.bias [512]} (TRANSFORMERS.md §7: the authors' MS-loss layout on a Swin trunk)."""
+    head = net.head
+    if not isinstance(head, nn.Linear) or head.out_features != EMBED_DIM or head.bias is None:
+        raise ValueError(f"net.head must be Linear(C, {EMBED_DIM}) with bias (the embedding head); got {head}")
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if not k.startswith("head.")}
+    state["class_fc.weight"] = head.weight.detach().cpu().clone()
+    state["class_fc.bias"] = head.bias.detach().cpu().clone()
+    return {"model": state}
+
+
+def save_swin_ms(path: str | os.PathLike, net: nn.Module) -> None:
+    _save(path, swin_ms_state(net))

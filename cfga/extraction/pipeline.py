@@ -17,11 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cfga.backbones import embedding_fc, family_of
 from cfga.backbones.heads import head_embedding
 from cfga.backbones.resnet import Layer4Tail, trunk_to_layer4_0
 from cfga.extraction.batching import size_buckets
 from cfga.extraction.loaders import _collate, _ImageSet, in_process_batches
 from cfga.extraction.preprocess import ImageLike, cap_700, output_size, peek_size
+from cfga.extraction.transformer import check_transformer, empty_features, transformer_batch_features
 from cfga.numerics.mask import scda_mask
 from cfga.numerics.pooling import l2_normalize, pooling_feature, scda_features
 from cfga.numerics.scalar import cfga_scalar
@@ -88,6 +90,10 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol, maps: di
     (the SCDA mask, bool [B, h, w]) and ``inputs`` ({CFGA+ layer name: its input activations
     [B, C_in, h, w]}, ``CFGA_PLUS_LAYERS`` order). None (the default) computes nothing extra.
     """
+    if family_of(net, default="resnet") != "resnet":
+        if maps is not None:
+            raise NotImplementedError("CFGA heatmaps are computed for ResNet models only so far")
+        return transformer_batch_features(net, x, protocol)
     with torch.no_grad():
         h = trunk_to_layer4_0(net, cap_700(x))
     tail = Layer4Tail(net)
@@ -133,7 +139,7 @@ def extract_features(
 ) -> dict[str, np.ndarray]:
     """Every feature of ``protocol`` for ``images`` (paths or PIL images), in input order.
 
-    model:  a torchvision-layout ResNet (``cfga.load_model``), eval mode, on its device.
+    model:  a torchvision-layout ResNet, Swin or ViT (``cfga.load_model``), eval mode, on its device.
     Returns {feature name: float32 [N, D]} with the names of ``cfga.features.features_for``.
     sink:   a ``cfga.extraction.store.FeatureWriter`` for N images: each batch's rows are written
             to it as they come (memory independent of N) and an empty dict is returned.
@@ -142,7 +148,9 @@ def extract_features(
     device = model_device(model)
     if model.training:
         raise ValueError("model must be in eval() mode (BN running statistics; SPEC §3)")
-    if proto.embedding in HEADS and getattr(model.fc, "out_features", None) != 512:
+    family = family_of(model, default="resnet")
+    names = check_transformer(model, proto) if family != "resnet" else proto.features
+    if proto.embedding in HEADS and getattr(embedding_fc(model), "out_features", None) != 512:
         raise ValueError(f"protocol {proto.name} needs the 512-d embedding head as model.fc (load the "
                          "checkpoint with cfga.load_model)")
     if batch_size is None:
@@ -182,7 +190,10 @@ def extract_features(
                 out[name][idx.numpy()] = arr
             bar.update(len(idx))
     if not images:
-        out = {n: np.zeros((0, feature_dim(n, proto.name)), np.float32) for n in proto.features}
+        if family != "resnet":
+            out = empty_features(model, proto)
+        else:
+            out = {n: np.zeros((0, feature_dim(n, proto.name)), np.float32) for n in names}
         if sink is not None:
             for name, arr in out.items():
                 sink.write(name, [], arr)

@@ -219,3 +219,35 @@ def cfga_vectors(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *, batched:
         for n, r_n in enumerate(kernel_responses(X, dY, conv, out=r)):
             aggregate_response(r_n, scratch=scratch, out=v[n])
     return l2_normalize(v)
+
+
+def linear_vectors(X: torch.Tensor, dY: torch.Tensor, *, batched: bool | None = None) -> torch.Tensor:
+    """CFGA vectors of a linear layer (a 1×1 conv; TRANSFORMERS.md §5): X [B, T, C_in] inputs and
+    dY [B, T, C_out] output gradients of each image's T tokens → unit vectors [B, C_in].
+
+    Image n's weight gradient is ``G_n = dY_nᵀ X_n`` [C_out, C_in]; r = |G_n|, then SPEC §5.2's
+    aggregation. Tokens whose dY row or X row is exactly zero add ±0 to G_n (dY: outside the mask
+    after the last token mixing; X: a Swin window's padding tokens) and are skipped when enough of
+    them are (``SKIP_ZERO_POSITIONS_BELOW['1x1']``). ``batched``: as in ``cfga_vectors``.
+    """
+    if batched is None:
+        batched = X.device.type != "cpu"
+    B, T, C_in = X.shape
+    C_out = dY.shape[-1]
+    if batched:
+        r = torch.bmm(dY.transpose(1, 2), X).abs_()
+        return l2_normalize(aggregate_response(r))
+    rows = (dY.ne(0).sum(dim=-1, dtype=torch.int32) > 0) & (X.ne(0).sum(dim=-1, dtype=torch.int32) > 0)
+    counts = rows.sum(dim=1).tolist()
+    below = SKIP_ZERO_POSITIONS_BELOW["1x1"] * T
+    live = [rows[n].nonzero().view(-1) if c < below else None for n, c in enumerate(counts)]
+    v = torch.empty(B, C_in, dtype=dY.dtype, device=dY.device)
+    r = torch.empty(C_out, C_in, dtype=dY.dtype, device=dY.device)
+    scratch = torch.empty_like(r)
+    for n in range(B):
+        d, x = dY[n], X[n]
+        if live[n] is not None:
+            d, x = d.index_select(0, live[n]), x.index_select(0, live[n])
+        torch.mm(d.T, x, out=r).abs_()
+        aggregate_response(r, scratch=scratch, out=v[n])
+    return l2_normalize(v)

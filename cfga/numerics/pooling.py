@@ -38,3 +38,21 @@ def pooling_feature(F: torch.Tensor) -> torch.Tensor:
     """Pooling (SPEC §4.3): L2([GAP(F); GMP(F)]) over each whole map, float32: [..., C, h, w] → [..., 2C]."""
     flat = F.flatten(-2)
     return l2_normalize(torch.cat([flat.mean(dim=-1), flat.amax(dim=-1)], dim=-1))
+
+
+def masked_scda_features(F: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scda, scda_original) of a *signed* map (TRANSFORMERS.md §3), in float64: F [..., C, h, w],
+    mask bool [..., h, w] (none empty) → two [..., 2C]. avg_M and max_M run over the masked cells
+    only; on a map F ≥ 0 they equal ``scda_features``' values."""
+    Ff = F.double().flatten(-2)
+    m = mask.flatten(-2).unsqueeze(-2)  # [..., 1, hw]
+    avg = (Ff * m).sum(dim=-1) / m.sum(dim=-1)
+    mx = Ff.masked_fill(~m, float("-inf")).amax(dim=-1)
+    scda = l2_normalize(torch.cat([avg, mx], dim=-1))
+    original = torch.cat([l2_normalize(avg), l2_normalize(mx)], dim=-1)
+    return scda, original
+
+
+def pooling_feature64(F: torch.Tensor) -> torch.Tensor:
+    """``pooling_feature`` in float64 (TRANSFORMERS.md §3): [..., C, h, w] → [..., 2C] float64."""
+    return pooling_feature(F.double())

@@ -17,3 +17,20 @@ def cfga_scalar(F: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor) -> torc
     gmp = Fn.adaptive_max_pool2d(Fm, 1)
     gap = coef.view(-1, 1, 1, 1) * Fn.adaptive_avg_pool2d(Fm, 1)
     return gmp.sum() + gap.sum()
+
+
+def masked_scalar(F: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of L = Σ_c max_{p∈M} F[c,p] + Σ_c (Σ_{p∈M} F[c,p]) / |M| for a *signed*
+    map (TRANSFORMERS.md §4): F [B, C, h, w], mask bool [B, h, w], none empty.
+
+    The max runs over the masked cells only (a cell outside M must not count as 0) and sends its
+    gradient to the first maximum in row-major order (``argmax``'s documented tie rule), as
+    adaptive max-pool does for SPEC S22. No gradient flows through the mask.
+    """
+    Ff = F.flatten(2)
+    m = mask.flatten(1)[:, None, :]  # [B, 1, hw]
+    idx = Ff.detach().masked_fill(~m, float("-inf")).argmax(dim=-1, keepdim=True)
+    mx = Ff.gather(-1, idx)
+    a = m.sum(dim=-1, keepdim=True).to(F.dtype)
+    avg = (Ff * m.to(F.dtype)).sum(dim=-1, keepdim=True) / a
+    return mx.sum() + avg.sum()

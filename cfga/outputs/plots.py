@@ -1,6 +1,6 @@
 """Plots of one dataset (matplotlib, no display needed): Recall@K small multiples, Recall@1 bars.
 
-One colour per feature everywhere (``FEATURE_COLORS``, fixed by the registry's feature order);
+One colour per feature everywhere (``FEATURE_COLORS``, fixed by the registry);
 legends sit outside the data.
 """
 from __future__ import annotations
@@ -9,12 +9,36 @@ import os
 from typing import Mapping, Sequence
 
 from cfga.outputs.tables import cell_ks
-from cfga.registry.features import CFGA_FEATURES, FEATURES
+from cfga.registry.archs import ARCH_INFO
+from cfga.registry.features import (
+    CFGA_FEATURES,
+    FEATURES,
+    TRANSFORMER_LAYERS,
+    transformer_blocks,
+    transformer_cfga_name,
+)
 
-# tab10 in registry order, then black: 11 features, 11 colours, none reused.
+# tab10 then black for the ResNet and image-level features (registry order); the Transformer
+# CFGA layers take one colour per role (second-to-last / last block × qkv, proj, fc1, fc2), the
+# same role in every arch, and the class token its own: no colour repeats within a model's features.
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
             "#bcbd22", "#17becf", "#000000")
-FEATURE_COLORS: dict[str, str] = {f: _PALETTE[i % len(_PALETTE)] for i, f in enumerate(FEATURES)}
+_ROLE_PALETTE = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
+_CLASS_TOKEN_COLOR = "#393b79"
+
+
+def _feature_colors() -> dict[str, str]:
+    roles = {}
+    for a in ARCH_INFO.values():
+        if a.family != "resnet":
+            for b, label in enumerate(transformer_blocks(a.name)):
+                for i, layer in enumerate(TRANSFORMER_LAYERS):
+                    roles[transformer_cfga_name(label, layer)] = _ROLE_PALETTE[b * len(TRANSFORMER_LAYERS) + i]
+    plain = [f for f in FEATURES if f not in roles and f != "class_token"]
+    return {**{f: _PALETTE[i] for i, f in enumerate(plain)}, **roles, "class_token": _CLASS_TOKEN_COLOR}
+
+
+FEATURE_COLORS: dict[str, str] = _feature_colors()
 
 
 def _plt():

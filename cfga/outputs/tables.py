@@ -15,7 +15,16 @@ from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from cfga.registry.features import CFGA_FEATURES, FEATURES, RECALL_KS, TABLE5_COLUMNS
+from cfga.registry.archs import arch_info
+from cfga.registry.features import (
+    CFGA_FEATURES,
+    FEATURES,
+    RECALL_KS,
+    TABLE5_COLUMNS,
+    TRANSFORMER_LAYERS,
+    transformer_blocks,
+    transformer_cfga_name,
+)
 from cfga.registry.losses import LOSSES
 
 METRIC_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("map@r",)
@@ -128,7 +137,7 @@ def model_family(mcfg: Mapping) -> str:
 
 # What the tables read of a dataset's and a model's config (the rest is not a table setting).
 _DATASET_KEYS = ("paper",)
-_MODEL_KEYS = ("protocol", "family", "paper")
+_MODEL_KEYS = ("arch", "protocol", "family", "paper")
 
 
 def table_config(datasets: Mapping[str, Mapping], models: Mapping[str, Mapping]) -> tuple[dict, dict]:
@@ -169,7 +178,7 @@ def _rows_frame(spec: TableSpec, cells: pd.DataFrame, datasets: Mapping[str, Map
     for d in datasets:
         for m in sorted(models, key=lambda m: order.index(model_family(models[m]))):
             proto = models[m]["protocol"]
-            if proto not in spec.protocols:
+            if proto not in spec.protocols or arch_info(models[m]["arch"]).family != "resnet":
                 continue
             feats = [_feature_for(c, proto) for c in spec.columns]
             if not any((d, m, f) in have for f in feats):
@@ -247,6 +256,8 @@ def paper_table(
     published: Mapping[tuple[str, str, str, str], float],
 ) -> tuple[list[str], list[list[str]], str]:
     """→ (csv header, csv rows, markdown text) of one paper-layout table (R@1 in %)."""
+    if spec == "transformers":
+        return transformer_table(cells, datasets, models)
     spec = TABLES[spec] if isinstance(spec, str) else spec
     table = paper_frame(spec, cells, datasets, models, published)
     return list(table.columns), table.values.tolist(), _markdown(spec, table, models)
@@ -255,3 +266,46 @@ def paper_table(
 def table5(cells, datasets, models, published):
     """Table 5: ImageNet backbones (``scda`` protocol)."""
     return paper_table("table5", cells, datasets, models, published)
+
+
+# The Transformer table's columns (TRANSFORMERS.md §6): a row's own embedding (DML rows), the
+# image-level features, CFGA+, the eight CFGA layers as (block, layer) -- b0 is the second-to-last
+# block, b1 the last -- and the ViT class token.
+TRANSFORMER_COLUMNS: tuple[tuple[str, str | tuple[int, str]], ...] = (
+    ("embedding", "embedding"), ("Pooling", "pooling"), ("SCDA", "scda"), ("CFGA+", "cfga_plus"),
+    *[(f"CFGA b{b} {layer}", (b, layer)) for b in (0, 1) for layer in TRANSFORMER_LAYERS],
+    ("Class token", "class_token"),
+)
+
+
+def transformer_table(cells: Sequence[Mapping], datasets: Mapping[str, Mapping],
+                      models: Mapping[str, Mapping]) -> tuple[list[str], list[list[str]], str]:
+    """results/tables/transformers: rows dataset × Swin/ViT model, R@1 in %. There are no
+    published values (the authors never released their Transformer code or numbers)."""
+    by_key = {(c["dataset"], c["model"], c["feature"]): c for c in cells}
+    cols = [c for c, _ in TRANSFORMER_COLUMNS]
+    header = ["dataset", "model", "arch", "protocol", "data", *cols]
+    md = ["| Dataset | Model | Arch | Protocol | Data | " + " | ".join(cols) + " |",
+          "|---|---|---|---|---|" + "---|" * len(cols)]
+    rows = []
+    for d in datasets:
+        for m, mcfg in models.items():
+            if arch_info(mcfg["arch"]).family == "resnet":
+                continue
+            blocks = transformer_blocks(mcfg["arch"])
+            feats = [f if isinstance(f, str) else transformer_cfga_name(blocks[f[0]], f[1])
+                     for _, f in TRANSFORMER_COLUMNS]
+            if not any((d, m, f) in by_key for f in feats):
+                continue
+            vals = [pct(by_key[(d, m, f)]["recall@1"]) if (d, m, f) in by_key else "" for f in feats]
+            kind = _row_kind(datasets[d])
+            rows.append([d, m, mcfg["arch"], mcfg["protocol"], kind, *vals])
+            md.append(f"| {d} | {m} | {mcfg['arch']} | {mcfg['protocol']} | {kind} | " + " | ".join(vals) + " |")
+    note = ["", "Recall@1 in %. No published values exist for these rows: the authors never released their "
+            "Transformer code or per-layer numbers (TRANSFORMERS.md). CFGA b0 / b1: the second-to-last / last "
+            "block (Swin: stage 4 blocks 0 and 1; ViT with L layers: encoder layers L-2 and L-1); CFGA+ = "
+            "[qkv b0; qkv b1]. Dimensions: C (qkv, proj, fc1, class token), 4C (fc2), 2C (Pooling, SCDA, CFGA+), "
+            "512 (embedding)."]
+    if not rows:
+        note.append("This run has no Swin or ViT model.")
+    return header, rows, "\n".join(md) + "\n" + "\n".join(note) + "\n"

@@ -1,7 +1,8 @@
 """Evaluation protocols (SPEC §1.1): how each table row preprocesses and masks.
 
 ``scda``: ImageNet rows (Table 5, Table 3 "Pre-trained"); ``ms``: MS loss, CosFace, ArcFace;
-``proxy_anchor``; ``dgpcrl``. Only ``scda`` keeps the largest connected component (SPEC S5).
+``proxy_anchor``; ``dgpcrl``; ``scda_224`` (Transformers only, TRANSFORMERS.md §7). Only ``scda``
+and ``scda_224`` keep the largest connected component (SPEC S5).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Protocol:
 
     @property
     def features(self) -> tuple[str, ...]:
+        """Features on a ResNet; ``features_for(name, arch)`` for any arch."""
         return features_for(self.name)
 
 
@@ -48,6 +50,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "proxy_anchor": Protocol("proxy_anchor", Resize(short=256, upsample=True, crop=224), lcc=False,
                              embedding="proxy_anchor"),
     "dgpcrl": Protocol("dgpcrl", Resize(short=280, upsample=False, crop=None), lcc=False, embedding="pooling"),
+    # Swin and ViT (TRANSFORMERS.md §7): proxy_anchor's Resize(256) + CenterCrop(224), with LCC.
+    "scda_224": Protocol("scda_224", Resize(short=256, upsample=True, crop=224), lcc=True),
 }
 
 # Protocols whose network carries a 512-d embedding head (``fc = Linear(2048, 512)``); the

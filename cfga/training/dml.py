@@ -46,10 +46,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cfga.backbones import family_of
 from cfga.backbones.heads import dml_embedding, head_embedding, trunk_features
 from cfga.backbones.resnet import ARCHS, FEAT_DIM
 from cfga.checkpoints.formats import to_torchvision
-from cfga.checkpoints.save import save_ms, save_proxy_anchor
+from cfga.checkpoints.save import save_ms, save_proxy_anchor, save_swin_ms
+from cfga.registry.archs import arch_info
 from cfga.registry.config import schema_defaults
 from cfga.registry.features import EMBED_DIM
 from cfga.registry.losses import LOSSES as _LOSSES
@@ -155,8 +157,12 @@ def train_dml(
 
     if loss not in LOSSES:
         raise ValueError(f"unknown DML loss {loss!r}; known: {', '.join(LOSSES)}")
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    family = arch_info(arch).family
+    if family not in ("resnet", "swin"):
+        raise ValueError(f"DML training supports ResNet and Swin backbones, not {arch} ({family})")
+    if family == "swin" and HEAD_FOR_LOSS.get(loss) != "ms":
+        raise ValueError(f"loss {loss!r} trains the {HEAD_FOR_LOSS.get(loss)} head, which a Swin does not have; "
+                         "a Swin takes the ms head (losses ms, cosface, arcface; TRANSFORMERS.md §7)")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if settings.trainable not in TRAINABLE:
@@ -176,11 +182,15 @@ def train_dml(
     head = HEAD_FOR_LOSS[loss]
     use_amp = device.type == "cuda"
 
-    trunk, _ = to_torchvision(backbone_state, "torchvision", arch, path="<backbone state>")
-    seed_everything(settings.seed)
-    net = ARCHS[arch](weights=None)
-    net.fc = nn.Linear(FEAT_DIM, EMBED_DIM)
-    net.load_state_dict({**net.state_dict(), **trunk}, strict=True)
+    if family == "resnet":
+        trunk, _ = to_torchvision(backbone_state, "torchvision", arch, path="<backbone state>")
+        seed_everything(settings.seed)
+        net = ARCHS[arch](weights=None)
+        net.fc = nn.Linear(FEAT_DIM, EMBED_DIM)
+        net.load_state_dict({**net.state_dict(), **trunk}, strict=True)
+    else:
+        net = _swin_with_head(backbone_state, arch, settings.seed)
+    fc, trainable_prefixes, features = _FAMILY_HOOKS[family](net)
     net.to(device)
     loss_fn, miner = build_loss(loss, len(classes))
     loss_fn.to(device)
@@ -193,15 +203,15 @@ def train_dml(
         _freeze_bn(net)
     if settings.trainable == "layer4":
         for name, p in net.named_parameters():
-            if not name.startswith(("layer4.", "fc.")):
+            if not name.startswith(trainable_prefixes):
                 p.requires_grad_(False)
     bn_params = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for p in m.parameters()}
     groups = [
         {"params": [p for n, p in net.named_parameters()
-                    if not n.startswith("fc.") and p.requires_grad and id(p) not in bn_params],
+                    if not n.startswith(trainable_prefixes[-1]) and p.requires_grad and id(p) not in bn_params],
          "lr": settings.lr},
-        {"params": list(net.fc.parameters()), "lr": settings.lr * HEAD_LR_MULT},
+        {"params": list(fc.parameters()), "lr": settings.lr * HEAD_LR_MULT},
     ]
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
@@ -221,8 +231,8 @@ def train_dml(
             x = torch.stack([aug(small[i]) for i in idx]).to(device)
             t = y[idx].to(device)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                F = trunk_features(net, x)
-            emb = head_embedding(net.fc, F.float(), head)
+                F = features(net, x)
+            emb = head_embedding(fc, F.float(), head)
             pairs = miner(emb, t) if miner is not None else None
             value = loss_fn(emb, t, pairs)
             if not torch.isfinite(value):
@@ -243,11 +253,51 @@ def train_dml(
 
 
 def save_trained(path, net: nn.Module, loss: str) -> None:
-    """Write ``net`` in the authors' format for ``loss``: ms/cosface/arcface → ms, proxy_anchor → proxy."""
+    """Write ``net`` in the authors' format for ``loss``: ms/cosface/arcface → ms, proxy_anchor → proxy
+    (a Swin: the ms layout of TRANSFORMERS.md §7)."""
     fmt = FORMAT_FOR_LOSS.get(loss)
     if fmt is None:
         raise ValueError(f"unknown DML loss {loss!r}; known: {', '.join(LOSSES)}")
+    if family_of(net) == "swin":
+        save_swin_ms(path, net)
+        return
     (save_ms if fmt == "ms" else save_proxy_anchor)(path, net)
+
+
+def _swin_with_head(backbone_state: dict, arch: str, seed: int) -> nn.Module:
+    """A torchvision Swin with the backbone's weights (``head.*`` dropped) and a new 512-d head."""
+    from cfga.backbones import builder
+
+    seed_everything(seed)
+    net = builder(arch)(weights=None)
+    net.head = nn.Linear(net.head.in_features, EMBED_DIM)
+    trunk = {k: v for k, v in backbone_state.items() if not k.startswith("head.")}
+    net.load_state_dict({**net.state_dict(), **trunk}, strict=True)
+    return net
+
+
+def _swin_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The token map F [B, C, h, w] (TRANSFORMERS.md §2); stages whose weights are all frozen run
+    without autograd (``trainable="layer4"``: only the last stage, the final norm and the head learn)."""
+    stages = list(net.features)
+    i = 0
+    while i < len(stages) - 1 and not any(p.requires_grad for p in stages[i].parameters()):
+        i += 1
+    with torch.no_grad():
+        for st in stages[:i]:
+            st.eval()  # frozen: no stochastic depth either, as at evaluation
+        h = nn.Sequential(*stages[:i])(x) if i else x
+    for st in stages[i:]:
+        h = st(h)
+    return net.permute(net.norm(h))
+
+
+# family → net → (embedding head module, parameter-name prefixes that learn under
+# trainable="layer4" -- the head's last --, the feature map function).
+_FAMILY_HOOKS = {
+    "resnet": lambda net: (net.fc, ("layer4.", "fc."), trunk_features),
+    "swin": lambda net: (net.head, (f"features.{len(net.features) - 1}.", "norm.", "head."), _swin_features),
+}
 
 
 def settings_record(

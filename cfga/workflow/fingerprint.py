@@ -154,11 +154,17 @@ FEATURE_REGISTRY = "cfga.registry.features"
 
 
 def extraction_facts() -> dict:
-    from cfga.registry.features import CFGA_LAYERS, PROTOCOL_FEATURES, feature_dim
+    from cfga.registry.archs import ARCH_INFO, FAMILY_PROTOCOLS
+    from cfga.registry.features import CFGA_LAYERS, PROTOCOL_FEATURES, feature_dim, features_for
 
     return {
         "cfga_layers": [list(x) for x in CFGA_LAYERS],
         "features": {p: [[f, feature_dim(f, p)] for f in fs] for p, fs in PROTOCOL_FEATURES.items()},
+        "transformer_features": {
+            a.name: {p: [[f, feature_dim(f, p, a.name)] for f in features_for(p, a.name)]
+                     for p in FAMILY_PROTOCOLS[a.family]}
+            for a in ARCH_INFO.values() if a.family != "resnet"
+        },
     }
 
 

@@ -37,9 +37,9 @@ def model_datasets(datasets: Mapping, models: Mapping[str, Mapping], model: str)
     return list(models[model].get("datasets", list(datasets)))
 
 
-def gallery_features(retrieval: Mapping, protocol: str) -> list[str]:
-    """The config's ``retrieval.features`` that ``protocol`` produces, in the config's order."""
-    have = features_for(protocol)
+def gallery_features(retrieval: Mapping, protocol: str, arch: str | None = None) -> list[str]:
+    """The config's ``retrieval.features`` that ``protocol`` produces on ``arch``, in the config's order."""
+    have = features_for(protocol, arch)
     return [f for f in retrieval["features"] if f in have]
 
 
@@ -48,6 +48,14 @@ def compare_model(datasets: Mapping, models: Mapping[str, Mapping], retrieval: M
     features; None if there is none."""
     for m, cfg in models.items():
         if dataset in model_datasets(datasets, models, m) and all(
-                f in features_for(cfg["protocol"]) for f in retrieval["compare"]):
+                f in features_for(cfg["protocol"], cfg["arch"]) for f in retrieval["compare"]):
             return m
     return None
+
+
+def has_heatmaps(model_cfg: Mapping) -> bool:
+    """Whether the heatmap figure is made for a model: ResNet backbones so far (the Transformer
+    CFGA maps are not implemented yet)."""
+    from cfga.registry.archs import arch_info
+
+    return arch_info(model_cfg["arch"]).family == "resnet"

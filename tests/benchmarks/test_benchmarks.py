@@ -50,3 +50,14 @@ def test_retrieve_speed_runs(tmp_path):
     _run("retrieve_speed.py", "--gallery", "30", "--repeats", "1", "--threads", "1", "--json", str(out), cwd=tmp_path)
     summary = json.loads(out.read_text())
     assert summary["gallery"] == 30 and len(summary["seconds"]) == 1 and summary["median_s"] > 0
+
+
+def test_extract_speed_runs_for_a_swin(tmp_path):
+    out = tmp_path / "summary.json"
+    stdout = _run("extract_speed.py", "--arch", "swin_t", "--n", "2", "--repeats", "1", "--size", "96x128",
+                  "--threads", "1", "--json", str(out), cwd=tmp_path)
+    assert "cfga/floor" in stdout
+    summary = json.loads(out.read_text())
+    assert set(summary["s_per_image"]) == {"floor", "cfga"}
+    assert "cfga_4_1_fc2" in summary["features"] and summary["protocol"] == "scda"
+    assert summary["max_abs_dev_vs_batch_size_1"] < 1e-5

@@ -19,8 +19,15 @@ def _cells(models):
 
 
 def test_every_feature_has_its_own_colour():
+    """Every feature has a colour, and no two features one model can produce share one."""
+    from cfga.registry.archs import ARCH_INFO, FAMILY_PROTOCOLS
+    from cfga.registry.features import features_for
+
     assert set(FEATURE_COLORS) == set(FEATURES)
-    assert len(set(FEATURE_COLORS.values())) == len(FEATURES)
+    for a in ARCH_INFO.values():
+        for p in FAMILY_PROTOCOLS[a.family]:
+            names = features_for(p, a.name if a.family != "resnet" else None)
+            assert len({FEATURE_COLORS[f] for f in names}) == len(names), (a.name, p)
 
 
 def test_small_multiples_and_bars_are_written(tmp_path):

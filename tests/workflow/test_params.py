@@ -15,7 +15,7 @@ def cells_for(cfg):
     out = []
     for m, mc in cfg["models"].items():
         for i, d in enumerate(mc.get("datasets", cfg["datasets"])):
-            for j, f in enumerate(features_for(mc["protocol"])):
+            for j, f in enumerate(features_for(mc["protocol"], mc["arch"])):
                 r1 = (7 * i + 3 * j + len(m)) % 50 / 100
                 out.append({"dataset": d, "model": m, "feature": f, "dim": 512, "n_queries": 10,
                             **{f"recall@{k}": min(1.0, r1 + 0.01 * k) for k in RECALL_KS}, "map@r": 0.1})
@@ -30,6 +30,6 @@ def test_reduced_config_gives_the_same_tables(name):
     published = load_published(REPO / "paper/published_recall_at_1.csv")
     ds, ms = table_config(cfg["datasets"], cfg["models"])
     assert list(ds) == list(cfg["datasets"]) and list(ms) == list(cfg["models"])
-    for t in TABLES:
+    for t in (*TABLES, "transformers"):
         assert paper_table(t, cells, ds, ms, published) == paper_table(t, cells, cfg["datasets"], cfg["models"],
                                                                       published)
