@@ -9,7 +9,7 @@ Runs anywhere `python3` has torch, torchvision, numpy, scipy and Pillow (no Snak
 Timed in alternation after a warm-up (the order rotates every repeat), decoding included, medians
 over --repeats:
   (a) authors: batch size 1, PIL loader, autograd through the WHOLE network, numpy round trips
-      (re-created here from SPEC §2–§5; it is also what the paper's numbers come from);
+      (re-created here from method.md §2–§5; it is also what the paper's numbers come from);
   (b) floor: decode + resize + forward + pooling only, batched like (c), no autograd; a plain
       loop (serial decoding, the model's own modules);
   (b') floor, tuned: (b) with the generic speed-ups that cfga.extract_features also uses and
@@ -24,7 +24,7 @@ Prints images/s, (c)/(b), (c)/(b') and (a)/(c), and the largest deviation of (c)
 With a Swin or ViT ``--arch`` (swin_t, vit_b_16, …; protocol scda for Swin, scda_224 for ViT) it
 times (b) the floor — the same in-process loader and batches as (c), a plain forward to the token
 map (Swin: features + norm; ViT: encoder) and pooling — against (c) cfga.extract_features with all
-features, and checks (c) against batch size 1 (TRANSFORMERS.md §8's "any batch composition").
+features, and checks (c) against batch size 1 (method.md §T8's "any batch composition").
 """
 from __future__ import annotations
 

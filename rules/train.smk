@@ -1,5 +1,5 @@
 # DML fine-tuning with pytorch-metric-learning; the checkpoint is written in the authors' format
-# for its loss (SPEC §1.2), so it is evaluated through the very loader their files use.
+# for its loss (method.md §1.2), so it is evaluated through the very loader their files use.
 
 
 rule train_dml:

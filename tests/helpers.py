@@ -29,7 +29,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def pil_rgb(path) -> np.ndarray:
-    """What SPEC §2 says the loader does, verbatim."""
+    """What method.md §2 says the loader does, verbatim."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -49,7 +49,7 @@ def write_sized_images(root, seed=0):
     for i, (h, w, mode) in enumerate(SIZES):
         arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         img = Image.fromarray(arr)
-        if i == 1:  # flat image with one rectangle: exact ties in the maps (SPEC S22)
+        if i == 1:  # flat image with one rectangle: exact ties in the maps (method.md S22)
             img = Image.new("RGB", (w, h), (120, 130, 140))
             ImageDraw.Draw(img).rectangle([w // 4, h // 4, w // 2, h // 2], fill=(250, 10, 10))
         p = root / f"img{i}.jpg"

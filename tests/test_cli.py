@@ -77,7 +77,6 @@ def test_retrieve_csv_is_brute_force_top_k(workdir):
 
 
 def test_retrieve_table_and_help(workdir, capsys):
-    wd = workdir[0]
     proc = subprocess.run([sys.executable, "-m", "cfga.cli", "retrieve", "--help"], capture_output=True, text=True)
     for opt in ("--dataset", "--model", "--feature", "--k", "--configfile", "--output", "--csv", "--device"):
         assert opt in proc.stdout

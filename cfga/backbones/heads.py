@@ -1,4 +1,4 @@
-"""DML embedding heads on a ResNet feature map (SPEC §4.4): what the ms and proxy_anchor
+"""DML embedding heads on a ResNet feature map (method.md §4.4): what the ms and proxy_anchor
 protocols evaluate and what DML training optimises.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ def trunk_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def head_embedding(fc: nn.Module, F: torch.Tensor, head: str) -> torch.Tensor:
-    """The embedding of a layer4 map F [B, C, h, w] under ``head`` (SPEC §4.4).
+    """The embedding of a layer4 map F [B, C, h, w] under ``head`` (method.md §4.4).
 
     ms: ``normalize(W·GMP(F) + b)`` (F.normalize, eps 1e-12);
     proxy_anchor: ``z / sqrt(Σz² + 1e-12)`` with ``z = W·(GMP(F) + GAP(F)) + b``.

@@ -1,4 +1,4 @@
-"""The ResNet family (resnet50/101/152, torchvision layout; SPEC §1.1, §3).
+"""The ResNet family (resnet50/101/152, torchvision layout; method.md §1.1, §3).
 
 What is ResNet-specific lives here: the builders, the trunk forward up to ``layer4.0`` (no
 autograd; eval-mode batch norms in place on the CPU), and the tail ``layer4.1``–``layer4.2`` run
@@ -25,7 +25,7 @@ ARCHS = {
 }
 
 
-# torchvision IMAGENET1K_V2 files: different weights than the paper used (SPEC §1.2).
+# torchvision IMAGENET1K_V2 files: different weights than the paper used (method.md §1.2).
 IMAGENET_V2_FILES = {"resnet50-11ad3fa6.pth", "resnet101-cd907fc2.pth", "resnet152-f82ba261.pth"}
 
 FEAT_DIM = 2048  # channels of layer4's output for resnet50/101/152

@@ -1,4 +1,4 @@
-"""The authors' checkpoint formats ⇄ a torchvision ResNet (SPEC §1.1, §1.2, §4.4).
+"""The authors' checkpoint formats ⇄ a torchvision ResNet (method.md §1.1, §1.2, §4.4).
 
 Every network of the paper is a plain torchvision ResNet; the formats differ only in where the
 state dict sits in the saved object, in a ``model.`` prefix, and in the heads stored beside the
@@ -23,7 +23,7 @@ ArcFace)
 Other top-level entries of the saved dict (optimizer, epoch, …) are ignored. A loaded network is a
 torchvision ResNet in eval mode whose ``fc`` is ``Linear(2048, 512)`` holding the embedding head
 (ms, proxy_anchor), or the default 1000-way ``fc`` (untouched random init; never used) otherwise.
-:func:`dml_embedding` computes the embedding the evaluation protocols use (SPEC §4.4).
+:func:`dml_embedding` computes the embedding the evaluation protocols use (method.md §4.4).
 
 BN ``num_batches_tracked`` buffers are optional in every format (files written before torch 0.4.1
 lack them; they do not influence an eval-mode forward); a missing one keeps the fresh net's 0."""
@@ -52,7 +52,7 @@ FORMATS = ("torchvision", "ms", "proxy_anchor", "dgpcrl")
 
 
 
-DGPCRL_KNOWN_NCLS = (100, 98)  # CUB, Cars (SPEC §1.1); others are accepted and recorded
+DGPCRL_KNOWN_NCLS = (100, 98)  # CUB, Cars (method.md §1.1); others are accepted and recorded
 
 
 # Where each format keeps its state dict in the saved object.
@@ -180,7 +180,7 @@ def _state_of(obj, fmt: str, path) -> dict:
 
 
 def to_torchvision(obj, fmt: str, arch: str, *, path="<checkpoint>") -> tuple[dict, dict | None]:
-    """Map a loaded checkpoint of format ``fmt`` onto torchvision ``arch`` (SPEC §1.2), strictly.
+    """Map a loaded checkpoint of format ``fmt`` onto torchvision ``arch`` (method.md §1.2), strictly.
 
     → (trunk state in torchvision naming without ``fc.*``, head ``{'weight' [512,2048], 'bias'
     [512]}`` or None). Raises :class:`CheckpointError` naming missing / unexpected keys, wrong

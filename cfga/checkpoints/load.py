@@ -1,4 +1,4 @@
-"""Checkpoint loading: a file on disk → a torchvision ResNet in eval mode (SPEC §1.2).
+"""Checkpoint loading: a file on disk → a torchvision ResNet in eval mode (method.md §1.2).
 
 The ``scda`` protocol takes a raw torchvision state dict (ImageNet V1 files, or the classifier the
 offline default trains): trunk keys loaded strictly, ``fc.*`` dropped as the authors do."""
@@ -138,7 +138,7 @@ def load_model(
     """Build ``arch`` (resnet50/101/152), load ``checkpoint_path`` for ``protocol``, eval mode.
 
     ``format`` is the checkpoint layout (``torchvision``, ``ms``, ``proxy_anchor``, ``dgpcrl``;
-    SPEC §1.2), detected from the keys when None. The ms and proxy_anchor protocols read the
+    method.md §1.2), detected from the keys when None. The ms and proxy_anchor protocols read the
     embedding head their format carries (as ``model.fc``). The returned module is a plain
     torchvision ResNet; ``model.cfga_meta`` records arch, protocol, format, path and sha256.
     """

@@ -1,4 +1,4 @@
-"""Writers of the authors' checkpoint layouts (SPEC §1.2), atomically: what the pipeline's own
+"""Writers of the authors' checkpoint layouts (method.md §1.2), atomically: what the pipeline's own
 trained models are saved as, so they are read back by the very loader the authors' files use.
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ def save_dgpcrl(path: str | os.PathLike, net: nn.Module, n_cls: int, seed: int =
 
 def swin_ms_state(net: nn.Module) -> dict:
     """A Swin DML net → {'model': torchvision Swin keys without head.* + class_fc.weight [512, C] +
-    class_fc.bias [512]} (TRANSFORMERS.md §7: the authors' MS-loss layout on a Swin trunk)."""
+    class_fc.bias [512]} (method.md §T7: the authors' MS-loss layout on a Swin trunk)."""
     head = net.head
     if not isinstance(head, nn.Linear) or head.out_features != EMBED_DIM or head.bias is None:
         raise ValueError(f"net.head must be Linear(C, {EMBED_DIM}) with bias (the embedding head); got {head}")

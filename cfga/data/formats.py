@@ -2,7 +2,7 @@
 ``format``: CUB-200-2011 and CARS196 here; class folders (cfga.data.folder), a CSV table
 (cfga.data.csv_table), Stanford Online Products (cfga.data.sop), In-Shop (cfga.data.inshop).
 
-CUB/Cars split rule (SPEC section 6, S17): the first half of the classes by class id is train,
+CUB/Cars split rule (method.md §6, S17): the first half of the classes by class id is train,
 the rest test; labels are ``class_id - 1`` and are not renumbered.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ _CARS_REQUIRED_FIELDS = ("relative_im_path", "class")
 
 
 def split_for_class(class_id: int, n_classes: int) -> str:
-    """'train' for the first half of the classes by 1-based id, else 'test' (SPEC section 6)."""
+    """'train' for the first half of the classes by 1-based id, else 'test' (method.md §6)."""
     return "train" if class_id <= n_classes // 2 else "test"
 
 
@@ -132,7 +132,7 @@ def read_cub_manifest(archive_path: str | os.PathLike) -> list[ManifestRow]:
             f"{src('classes.txt')} (1..{n_classes}); re-download the archive."
         )
 
-    # train_test_split.txt is read by the authors' files.py but its flag is ignored (SPEC S17):
+    # train_test_split.txt is read by the authors' files.py but its flag is ignored (method.md S17):
     # the DML protocol splits by class (first half train), so we ignore it too.
     rows = []
     for iid in sorted(images):  # images.txt order is ids ascending
@@ -232,7 +232,7 @@ def read_cars_manifest(
     anns, class_names = parse_cars_annotations(_load_mat(annotations_mat), str(annotations_mat))
     n_classes = len(class_names)
     # The .mat 'test' flag is ignored like CUB's train_test_split.txt: the protocol is the class
-    # split 1..98 / 99..196 (SPEC section 6).
+    # split 1..98 / 99..196 (method.md §6).
     rows, seen = [], set()
     for a in anns:
         p = _safe_relpath(a["relative_im_path"], str(annotations_mat))

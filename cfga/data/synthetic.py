@@ -317,7 +317,7 @@ def write_cub_tgz(path: str | os.PathLike, class_names: Sequence[str], counts: S
                 w.file(f"CUB_200_2011/images/{rel}", data)
                 lines["images"].append(f"{iid} {rel}")
                 lines["labels"].append(f"{iid} {ci + 1}")
-                lines["split"].append(f"{iid} {(k + ci) % 2}")  # ignored by readers (SPEC S17)
+                lines["split"].append(f"{iid} {(k + ci) % 2}")  # ignored by readers (method.md S17)
                 lines["bbox"].append(f"{iid} {x:.1f} {y:.1f} {bw:.1f} {bh:.1f}")
         txt = lambda ls: ("\n".join(ls) + "\n").encode()  # noqa: E731
         w.file("CUB_200_2011/bounding_boxes.txt", txt(lines["bbox"]))

@@ -1,7 +1,7 @@
 """Image loaders for extraction: exact-size buckets, in-process decoding on the CPU, a DataLoader elsewhere.
 
 Images of the ``scda`` protocol keep their own sizes, so they are bucketed by exact network input
-size; each batch holds images of one size (SPEC S13).
+size; each batch holds images of one size (method.md S13).
 """
 from __future__ import annotations
 

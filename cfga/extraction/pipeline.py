@@ -2,7 +2,7 @@
 
 Images of the ``scda`` protocol keep their own sizes, so they are bucketed by exact network input
 size; each batch holds images of one size, which keeps every conv, pool, mask and gradient
-identical to a batch-size-1 run up to float summation order (SPEC S13). On CPU a row is in fact
+identical to a batch-size-1 run up to float summation order (method.md S13). On CPU a row is in fact
 bit-identical whatever else shares its batch (tests/test_extract.py checks it): the trunk's
 kernels treat images independently and the CFGA step works image by image
 (``cfga.gradients.kernel_responses``)."""
@@ -55,7 +55,7 @@ def image_level_features(F: torch.Tensor, protocol: Protocol) -> tuple[dict[str,
     ({name: [..., D]}, masks bool [..., h, w]). Each map is treated on its own.
 
     Without LCC an empty mask (constant map, e.g. a 1×1 map from an input ≤ 32 px) would divide
-    by zero in the authors' code (SPEC S6); here it falls back to the whole map, with a warning.
+    by zero in the authors' code (method.md S6); here it falls back to the whole map, with a warning.
     """
     mask = scda_mask(F, protocol.lcc)
     empty = ~mask.flatten(-2).any(dim=-1)
@@ -78,7 +78,7 @@ def image_level_features(F: torch.Tensor, protocol: Protocol) -> tuple[dict[str,
 
 def stored_embedding(net: nn.Module, F: torch.Tensor, kind: str) -> torch.Tensor:
     """A DML net's embedding of maps F [B, C, h, w] → [B, 512], normalised again as the authors'
-    numpy does (SPEC §4.4, S15); ``kind`` is a head of ``cfga.checkpoints.HEADS``."""
+    numpy does (method.md §4.4, S15); ``kind`` is a head of ``cfga.checkpoints.HEADS``."""
     return l2_normalize(head_embedding(net.fc, F, kind))
 
 
@@ -147,7 +147,7 @@ def extract_features(
     proto = get_protocol(protocol)
     device = model_device(model)
     if model.training:
-        raise ValueError("model must be in eval() mode (BN running statistics; SPEC §3)")
+        raise ValueError("model must be in eval() mode (BN running statistics; method.md §3)")
     family = family_of(model, default="resnet")
     names = check_transformer(model, proto) if family != "resnet" else proto.features
     if proto.embedding in HEADS and getattr(embedding_fc(model), "out_features", None) != 512:

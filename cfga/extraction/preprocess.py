@@ -1,4 +1,4 @@
-"""Pixel-exact image preprocessing of the authors' loaders (SPEC §2).
+"""Pixel-exact image preprocessing of the authors' loaders (method.md §2).
 
 All resizing is PIL's antialiased BILINEAR on the PIL image, rounding is Python's ``round``
 (half to even), as in the authors' ``dataloader_test`` and friends.
@@ -70,7 +70,7 @@ def _decode_guard():
     """PIL settings for reading one file: cfga's pixel limit, with the bomb *warning* an error too.
 
     Every other warning PIL emits while it still decodes the image (palette transparency in bytes,
-    odd EXIF, ...) is shown but never escalated by a strict caller filter (``-W error``): SPEC §2's
+    odd EXIF, ...) is shown but never escalated by a strict caller filter (``-W error``): method.md §2's
     ``convert('RGB')`` accepts those images, so they must not become ImageErrors.
     """
     with warnings.catch_warnings():
@@ -162,7 +162,7 @@ def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def cap_700(x: torch.Tensor) -> torch.Tensor:
-    """The authors' "700 cap" (SPEC S1): dead code after the loaders, kept for fidelity.
+    """The authors' "700 cap" (method.md S1): dead code after the loaders, kept for fidelity.
 
     ``x`` is [B, 3, H, W]; when min(H, W) > 700 it is resized bilinearly (align_corners=True) so
     the short side becomes 700.

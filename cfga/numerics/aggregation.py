@@ -1,4 +1,4 @@
-"""CFGA: a conv weight gradient → one vector indexed by input channel (SPEC §5).
+"""CFGA: a conv weight gradient → one vector indexed by input channel (method.md §5).
 
 Pure, batched tensor functions: a leading batch dim B holds independent images.
 """
@@ -12,7 +12,7 @@ from cfga.numerics.pooling import l2_normalize
 def kernel_response(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """Per-kernel response r of gradients G [B, C_out, C_in, k, k] → [B, C_out, C_in].
 
-    1×1: |g|. k×k: max g + max(−g) + unbiased std over the k² taps (no abs; SPEC §5.1, S8).
+    1×1: |g|. k×k: max g + max(−g) + unbiased std over the k² taps (no abs; method.md §5.1, S8).
     ``inplace`` lets the 1×1 case overwrite G (the extraction's gradients are scratch).
     """
     if G.shape[-1] == 1 and G.shape[-2] == 1:
@@ -21,7 +21,7 @@ def kernel_response(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     n = taps.shape[-1]
     mx, mn = taps.amax(dim=-1), taps.amin(dim=-1)
     # Two-pass std instead of torch.std (Welford; slower on CPU, BENCHMARKS.md): same up to ~1 ulp,
-    # well inside SPEC S13's tolerance. A constant kernel gets exactly 0, as torch.std gives.
+    # well inside method.md S13's tolerance. A constant kernel gets exactly 0, as torch.std gives.
     centred = taps - taps.mean(dim=-1, keepdim=True)
     std = centred.square_().sum(dim=-1).div_(n - 1).sqrt_()
     std.masked_fill_(mx == mn, 0.0)
@@ -30,7 +30,7 @@ def kernel_response(G: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
 
 def aggregate_response(r: torch.Tensor, *, inplace: bool = False, scratch: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
-    """Selected mean over output channels: r [..., C_out, C_in] → v [..., C_in] (SPEC §5.2).
+    """Selected mean over output channels: r [..., C_out, C_in] → v [..., C_in] (method.md §5.2).
 
     keep = r > mean over C_out (column) AND r > mean over C_in (row), both strict; v averages
     r·keep over C_out, unselected cells counting as zeros. r is never modified (``inplace`` is

@@ -1,6 +1,6 @@
 """Per-image weight gradients of the six CFGA convs, without back-propagating through the trunk.
 
-The authors back-propagate the scalar L (SPEC §4.5) through the whole network, one image at a
+The authors back-propagate the scalar L (method.md §4.5) through the whole network, one image at a
 time, and read ``layer4.{1,2}.conv{1,2,3}.weight.grad``. Those gradients depend only on the
 input of ``layer4.1`` and on what follows it, so here:
 
@@ -12,7 +12,7 @@ input of ``layer4.1`` and on what follows it, so here:
    1×1 convs and ``dY_n @ unfold(X_n)ᵀ`` for the 3×3 conv — it never mixes images.
 
 On the CPU, extraction does not keep whole gradients: ``kernel_responses`` turns each image's
-gradient into its per-kernel response r (SPEC §5.1) one image at a time, and feeds the 3×3
+gradient into its per-kernel response r (method.md §5.1) one image at a time, and feeds the 3×3
 statistics from tap-centred inputs (below), so no [B, C_out, C_in, k, k] tensor exists. Other
 devices take the whole batch in one batched matmul per conv (``batched_kernel_responses``)."""
 from __future__ import annotations
@@ -57,7 +57,7 @@ def per_sample_weight_grad(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d) -
 
 def kernel_responses(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *,
                      out: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """Per-kernel response r (SPEC §5.1) of each image's weight gradient of ``conv``, one image at
+    """Per-kernel response r (method.md §5.1) of each image's weight gradient of ``conv``, one image at
     a time: X [B, C_in, h, w], dY [B, C_out, h', w'] → B tensors [C_out, C_in] (float32): fresh
     ones, or ``out`` itself, written over for each image (consume each before the next).
 
@@ -128,7 +128,7 @@ def _at(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
 
 def _centred_tap_response(Gc: torch.Tensor, out: torch.Tensor, dim: int = -2) -> torch.Tensor:
     """Range + unbiased std over the taps (dimension ``dim``) of tap-centred gradients Gc →
-    out, Gc's shape without ``dim`` (SPEC §5.1)."""
+    out, Gc's shape without ``dim`` (method.md §5.1)."""
     taps = Gc.unbind(dim)
     rng = Gc.amax(dim=dim).sub_(Gc.amin(dim=dim))  # max g + max(−g)
     # Σ_t g_t² as multiply-adds over the k² tap planes: faster on CPU than square + sum.
@@ -199,7 +199,7 @@ def centred_tap_columns(X: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def cfga_vectors(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *, batched: bool | None = None) -> torch.Tensor:
-    """The CFGA vectors of ``conv`` for a batch (SPEC §5): X, dY as in ``kernel_responses`` →
+    """The CFGA vectors of ``conv`` for a batch (method.md §5): X, dY as in ``kernel_responses`` →
     unit vectors [B, C_in] (zeros where v = 0). Each row depends on its own image only.
 
     ``batched`` picks ``batched_kernel_responses`` over the image-by-image, cache-sized
@@ -222,10 +222,10 @@ def cfga_vectors(X: torch.Tensor, dY: torch.Tensor, conv: nn.Conv2d, *, batched:
 
 
 def linear_vectors(X: torch.Tensor, dY: torch.Tensor, *, batched: bool | None = None) -> torch.Tensor:
-    """CFGA vectors of a linear layer (a 1×1 conv; TRANSFORMERS.md §5): X [B, T, C_in] inputs and
+    """CFGA vectors of a linear layer (a 1×1 conv; method.md §T5): X [B, T, C_in] inputs and
     dY [B, T, C_out] output gradients of each image's T tokens → unit vectors [B, C_in].
 
-    Image n's weight gradient is ``G_n = dY_nᵀ X_n`` [C_out, C_in]; r = |G_n|, then SPEC §5.2's
+    Image n's weight gradient is ``G_n = dY_nᵀ X_n`` [C_out, C_in]; r = |G_n|, then method.md §5.2's
     aggregation. Tokens whose dY row or X row is exactly zero add ±0 to G_n (dY: outside the mask
     after the last token mixing; X: a Swin window's padding tokens) and are skipped when enough of
     them are (``SKIP_ZERO_POSITIONS_BELOW['1x1']``). ``batched``: as in ``cfga_vectors``.

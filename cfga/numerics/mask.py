@@ -1,4 +1,4 @@
-"""The SCDA mask of a feature map (SPEC §4.1).
+"""The SCDA mask of a feature map (method.md §4.1).
 
 Pure functions over tensors. ``F`` is one map, float32 [C, h, w], or a batch, [..., C, h, w]
 (each map is treated on its own).
@@ -19,7 +19,7 @@ def threshold_mask(F: torch.Tensor) -> torch.Tensor:
 def largest_component(B: np.ndarray) -> np.ndarray:
     """Largest 4-connected component of bool [h, w]; ties → lowest label (first in raster order).
 
-    An empty ``B`` returns the whole map, as the authors' ``label == 0`` does (SPEC §4.1).
+    An empty ``B`` returns the whole map, as the authors' ``label == 0`` does (method.md §4.1).
     """
     labels, n = ndimage.label(B)  # default structure = 4-connectivity, raster-order labels
     if n == 0:

@@ -1,4 +1,4 @@
-"""Retrieval metrics: the authors' Recall@K (SPEC §8.1) and MAP@R (SPEC §8.3), exact and blockwise.
+"""Retrieval metrics: the authors' Recall@K (method.md §8.1) and MAP@R (method.md §8.3), exact and blockwise.
 
 Definitions without a gallery (query set = gallery set = all N rows, each query left out of its
 own ranking; similarity = raw dot product, no normalisation):
@@ -6,7 +6,7 @@ own ranking; similarity = raw dot product, no normalisation):
 * **Recall@K** (``WAOCD/compute_recall_as_ms.py``). For query ``i``: ``P`` = the similarities to
   every item with the same label, *including i itself*; ``t_i`` = the second-largest value of ``P``
   (``sorted(P)[-2]``); ``n_i`` = the number of different-label items with similarity **strictly**
-  greater than ``t_i`` (SPEC S7: ties favour the query); hit@K iff ``n_i < K``;
+  greater than ``t_i`` (method.md S7: ties favour the query); hit@K iff ``n_i < K``;
   ``R@K = #hits / N``. A label with a single item makes the authors' script crash; here it raises
   ``ValueError`` naming the label.
 * **MAP@R** (Musgrave et al.). ``R_i`` = number of *other* items with the query's label. All other
@@ -82,7 +82,7 @@ Algorithm (one pass over blocks of query rows; the N x N matrix is never materia
    bound above would not hold then.
 
 Exactness: every hit/miss and every MAP@R ranking equals that of the literal per-query loop of
-SPEC §8.1 / §8.3 evaluated on the canonical float64 similarities, for every block size and device
+method.md §8.1 / §8.3 evaluated on the canonical float64 similarities, for every block size and device
 (Recall@K is therefore identical bit for bit; MAP@R differs from a loop only by the rounding of
 its AP arithmetic, ~1e-16). Whenever the float64 dot products
 are exact (integer, binary or dyadic features of moderate size: duplicates, zero rows, the
@@ -147,7 +147,7 @@ class _Prep:
     columns stay in their ORIGINAL order (no copy of the gallery features is made when their
     dtype is already the screening dtype), so a column index is a gallery row index."""
 
-    loo: bool  # leave-one-out (no gallery): query = gallery, threshold = SPEC §8.1
+    loo: bool  # leave-one-out (no gallery): query = gallery, threshold = method.md §8.1
     nq: int  # evaluated queries (excluded ones dropped)
     ng: int
     d: int
@@ -741,7 +741,7 @@ def _is_small(feats, device, block_size) -> bool:
 
 
 def _small_metrics(feats, labels, ks, want_recall: bool, want_map: bool):
-    """Recall@K (SPEC §8.1) and MAP@R (§8.3) from the full N×N float64 similarity matrix.
+    """Recall@K (method.md §8.1) and MAP@R (§8.3) from the full N×N float64 similarity matrix.
 
     This is literally the authors' ``RetMetric``: X as float64, Sim = X·Xᵀ by numpy.
     """
@@ -813,12 +813,12 @@ def _compute(feats, labels, ks, want_map, gallery, gallery_labels, query_gallery
 
 def recall_at_k(feats, labels, ks=DEFAULT_KS, *, gallery=None, gallery_labels=None,
                 query_gallery_index=None, device=None, block_size=None, return_excluded=False):
-    """The authors' Recall@K (SPEC §8.1), raw dot product (features are not normalised here).
+    """The authors' Recall@K (method.md §8.1), raw dot product (features are not normalised here).
 
     feats: ``[Nq, D]`` query features, np.ndarray or torch.Tensor, any real dtype.
     labels: ``[Nq]`` query labels. ks: the K values.
     gallery: ``[Ng, D]`` gallery features, or None: then query = gallery = all rows, left out
-        one at a time, exactly SPEC §8.1 (threshold = second-largest same-label similarity,
+        one at a time, exactly method.md §8.1 (threshold = second-largest same-label similarity,
         self included).
     gallery_labels: ``[Ng]``, required with ``gallery``. With a gallery, a query's threshold is
         its largest similarity to a same-label gallery item, and it is a hit at K iff fewer than
@@ -844,7 +844,7 @@ def recall_at_k(feats, labels, ks=DEFAULT_KS, *, gallery=None, gallery_labels=No
 
 def map_at_r(feats, labels, *, gallery=None, gallery_labels=None, query_gallery_index=None,
              device=None, block_size=None, return_excluded=False):
-    """MAP@R (SPEC §8.3), raw dot product, ties broken by the lower gallery row index.
+    """MAP@R (method.md §8.3), raw dot product, ties broken by the lower gallery row index.
 
     feats: ``[Nq, D]``; labels: ``[Nq]``. Without a gallery, query = gallery = all rows and
     R_i = the number of OTHER items with the query's label; queries with R_i = 0 are skipped (as

@@ -1,4 +1,4 @@
-"""Image-level features of a feature map: masked SCDA pooling and mask-free Pooling (SPEC §4.2, §4.3).
+"""Image-level features of a feature map: masked SCDA pooling and mask-free Pooling (method.md §4.2, §4.3).
 
 Pure functions over tensors. ``F`` is one map, float32 [C, h, w], or a batch, [..., C, h, w]
 (each map is treated on its own); non-negative on a ResNet (it follows a ReLU).
@@ -9,7 +9,7 @@ import torch
 
 
 def l2_normalize(v: torch.Tensor) -> torch.Tensor:
-    """v / ‖v‖₂ along the last dim; a zero-norm vector stays all zeros (SPEC §4.2)."""
+    """v / ‖v‖₂ along the last dim; a zero-norm vector stays all zeros (method.md §4.2)."""
     n = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     # `!= 0`, not `> 0`: a NaN norm must propagate (and be caught), never turn into zeros.
     nz = n != 0
@@ -35,13 +35,13 @@ def scda_features(F: torch.Tensor, mask: torch.Tensor, *, float64: bool) -> tupl
 
 
 def pooling_feature(F: torch.Tensor) -> torch.Tensor:
-    """Pooling (SPEC §4.3): L2([GAP(F); GMP(F)]) over each whole map, float32: [..., C, h, w] → [..., 2C]."""
+    """Pooling (method.md §4.3): L2([GAP(F); GMP(F)]) over each whole map, float32: [..., C, h, w] → [..., 2C]."""
     flat = F.flatten(-2)
     return l2_normalize(torch.cat([flat.mean(dim=-1), flat.amax(dim=-1)], dim=-1))
 
 
 def masked_scda_features(F: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scda, scda_original) of a *signed* map (TRANSFORMERS.md §3), in float64: F [..., C, h, w],
+    """(scda, scda_original) of a *signed* map (method.md §T3), in float64: F [..., C, h, w],
     mask bool [..., h, w] (none empty) → two [..., 2C]. avg_M and max_M run over the masked cells
     only; on a map F ≥ 0 they equal ``scda_features``' values."""
     Ff = F.double().flatten(-2)
@@ -54,5 +54,5 @@ def masked_scda_features(F: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
 
 
 def pooling_feature64(F: torch.Tensor) -> torch.Tensor:
-    """``pooling_feature`` in float64 (TRANSFORMERS.md §3): [..., C, h, w] → [..., 2C] float64."""
+    """``pooling_feature`` in float64 (method.md §T3): [..., C, h, w] → [..., 2C] float64."""
     return pooling_feature(F.double())

@@ -32,11 +32,11 @@ def metrics_record(
     is_query: np.ndarray | None = None,
     is_gallery: np.ndarray | None = None,
 ) -> dict:
-    """Recall@K for ``ks`` (fractions, SPEC §8.1) and MAP@R (§8.3) of one feature, with context.
+    """Recall@K for ``ks`` (fractions, method.md §8.1) and MAP@R (§8.3) of one feature, with context.
 
     feats ``[N, D]``, labels ``[N]``; ``is_query`` / ``is_gallery``: optional boolean ``[N]``
     roles of the rows (the manifest's columns). Every row both (or no flags): leave-one-out over
-    all rows, exactly SPEC §8.1. Otherwise the query rows are ranked against the gallery rows
+    all rows, exactly method.md §8.1. Otherwise the query rows are ranked against the gallery rows
     (a row that is both is left out of its own ranking) and queries without any same-label gallery
     item are excluded; their number is recorded as ``n_excluded_queries``.
     """

@@ -3,7 +3,7 @@
 Similarity is the dot product of the stored float32 rows, accumulated in float64 (so a
 brute-force check in float64 gets the very same numbers and order). Neighbours are sorted by
 similarity, highest first; equal similarities keep manifest order (a stable sort). A gallery
-query is excluded from its own list, as Recall@K excludes it (SPEC §8.1). Torch-free.
+query is excluded from its own list, as Recall@K excludes it (method.md §8.1). Torch-free.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The one place that names every feature: its key, dimension and paper column.
 
 Rules, tables, metrics and tests all read this registry; nothing else spells a feature name.
-``Feature.dim`` is for the ResNet-50/101/152 trunks (2048 channels out of ``layer4``; SPEC §1.3,
-§5.2); Transformer dimensions depend on the arch (TRANSFORMERS.md §5, §6): ask ``feature_dim``
+``Feature.dim`` is for the ResNet-50/101/152 trunks (2048 channels out of ``layer4``; method.md §1.3,
+§5.2); Transformer dimensions depend on the arch (method.md §T5, §6): ask ``feature_dim``
 with the arch.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from cfga.registry.archs import arch_info, check_protocol
 
-# Width of the DML embedding heads (ms, proxy_anchor; SPEC §1.2).
+# Width of the DML embedding heads (ms, proxy_anchor; method.md §1.2).
 EMBED_DIM = 512
 
 
@@ -22,7 +22,7 @@ class Feature:
     name:    key in the features ``.npz`` and in ``results/metrics/{dataset}/{model}/{name}.json``.
     dim:     length of one row.
     column:  the paper's column header (Tables 3, 5, 6).
-    authors_file: the JSON file the authors' scripts write it to (SPEC §1.3), for provenance.
+    authors_file: the JSON file the authors' scripts write it to (method.md §1.3), for provenance.
     """
 
     name: str
@@ -31,7 +31,7 @@ class Feature:
     authors_file: str
 
 
-# (block, conv) of the six CFGA weights, in the order the authors emit them (SPEC §5.4).
+# (block, conv) of the six CFGA weights, in the order the authors emit them (method.md §5.4).
 CFGA_LAYERS: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3))
 
 
@@ -41,7 +41,7 @@ def cfga_name(block: int, conv: int) -> str:
 
 
 def _cfga_dim(conv: int) -> int:
-    # Input channels of the conv: 2048 for conv1, 512 for conv2/conv3 (SPEC §5.2 table).
+    # Input channels of the conv: 2048 for conv1, 512 for conv2/conv3 (method.md §5.2 table).
     return 2048 if conv == 1 else 512
 
 
@@ -61,13 +61,13 @@ FEATURES: dict[str, Feature] = {
     ]
 }
 
-# The four CFGA linears of a Transformer block (TRANSFORMERS.md §5), in named_parameters order.
+# The four CFGA linears of a Transformer block (method.md §T5), in named_parameters order.
 TRANSFORMER_LAYERS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
 
 
 def block_labels(family: str, layers: int | None = None) -> tuple[str, str]:
     """Labels of the two CFGA blocks in feature names: ("4_0", "4_1") for Swin (stage 4's two
-    blocks), (str(L-2), str(L-1)) for a ViT of L encoder layers (TRANSFORMERS.md §6)."""
+    blocks), (str(L-2), str(L-1)) for a ViT of L encoder layers (method.md §T6)."""
     if family == "swin":
         return ("4_0", "4_1")
     if family == "vit":
@@ -100,10 +100,10 @@ FEATURES.update((f.name, f) for f in _transformer_features())
 
 CFGA_FEATURES: tuple[str, ...] = tuple(cfga_name(b, c) for b, c in CFGA_LAYERS)
 
-# The layers CFGA+ concatenates, in its order (layer4.1.conv2, layer4.2.conv2; SPEC §5.5).
+# The layers CFGA+ concatenates, in its order (layer4.1.conv2, layer4.2.conv2; method.md §5.5).
 CFGA_PLUS_LAYERS: tuple[str, ...] = (cfga_name(1, 2), cfga_name(2, 2))
 
-# Features each protocol produces, in storage order (SPEC §1.3, §5.5).
+# Features each protocol produces, in storage order (method.md §1.3, §5.5).
 PROTOCOL_FEATURES: dict[str, tuple[str, ...]] = {
     "scda": ("pooling", "scda", "scda_original", *CFGA_FEATURES, "cfga_plus"),
     "ms": ("embedding", "scda", "scda_original", *CFGA_FEATURES, "cfga_plus"),
@@ -114,7 +114,7 @@ PROTOCOL_FEATURES: dict[str, tuple[str, ...]] = {
 # Where a protocol's feature differs from FEATURES' dimension: DGPCRL's embedding is Pooling.
 _PROTOCOL_DIMS: dict[tuple[str, str], int] = {("dgpcrl", "embedding"): 4096}
 
-# Table 5 columns, in the paper's order (SPEC §1.3).
+# Table 5 columns, in the paper's order (method.md §1.3).
 TABLE5_COLUMNS: tuple[str, ...] = ("pooling", "scda", "cfga_plus", *CFGA_FEATURES)
 
 RECALL_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -134,14 +134,14 @@ def feature_dim(name: str, protocol: str | None = None, arch: str | None = None)
 
 
 def transformer_feature_dim(name: str, C: int) -> int:
-    """Row length of a Transformer feature for a token map of C channels (TRANSFORMERS.md §3, §5)."""
+    """Row length of a Transformer feature for a token map of C channels (method.md §T3, §5)."""
     if name == "embedding":
         return EMBED_DIM
     if name == "class_token":
         return C
     if name in ("pooling", "scda", "scda_original", "cfga_plus"):
         return 2 * C
-    return 4 * C if name.endswith("_fc2") else C  # a linear's input width (TRANSFORMERS.md §5)
+    return 4 * C if name.endswith("_fc2") else C  # a linear's input width (method.md §T5)
 
 
 def transformer_cfga_features(arch: str) -> tuple[str, ...]:
@@ -155,7 +155,7 @@ def cfga_names_of_blocks(blocks: tuple[str, str]) -> tuple[str, ...]:
 
 def transformer_features(protocol: str, family: str, layers: int | None = None) -> tuple[str, ...]:
     """Features of a Transformer of ``family`` (ViT: with ``layers`` encoder layers) under
-    ``protocol``, in storage order (TRANSFORMERS.md §6)."""
+    ``protocol``, in storage order (method.md §T6)."""
     cfga = (*cfga_names_of_blocks(block_labels(family, layers)), "cfga_plus")
     if protocol == "ms":
         return ("embedding", "scda", "scda_original", *cfga)
@@ -164,7 +164,7 @@ def transformer_features(protocol: str, family: str, layers: int | None = None) 
 
 def cfga_plus_parts(arch: str | None = None) -> tuple[str, str]:
     """The two features CFGA+ concatenates: conv2 of layer4.1 and layer4.2 (ResNet), the qkv of
-    both CFGA blocks (Transformer; TRANSFORMERS.md §6)."""
+    both CFGA blocks (Transformer; method.md §T6)."""
     if not _is_transformer(arch):
         return cfga_name(1, 2), cfga_name(2, 2)
     return transformer_cfga_plus(transformer_blocks(arch))

@@ -1,8 +1,8 @@
-"""Evaluation protocols (SPEC §1.1): how each table row preprocesses and masks.
+"""Evaluation protocols (method.md §1.1): how each table row preprocesses and masks.
 
 ``scda``: ImageNet rows (Table 5, Table 3 "Pre-trained"); ``ms``: MS loss, CosFace, ArcFace;
-``proxy_anchor``; ``dgpcrl``; ``scda_224`` (Transformers only, TRANSFORMERS.md §7). Only ``scda``
-and ``scda_224`` keep the largest connected component (SPEC S5).
+``proxy_anchor``; ``dgpcrl``; ``scda_224`` (Transformers only, method.md §T7). Only ``scda``
+and ``scda_224`` keep the largest connected component (method.md S5).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cfga.registry.features import features_for
 
 @dataclass(frozen=True)
 class Resize:
-    """How a protocol resizes (SPEC §2).
+    """How a protocol resizes (method.md §2).
 
     short:    target short side in px.
     upsample: False → the authors' ``scda``/``dgpcrl`` rule (only shrink, half-to-even rounding);
@@ -28,8 +28,8 @@ class Resize:
 
 @dataclass(frozen=True)
 class Protocol:
-    """name: protocol id; resize: SPEC §2 rule; lcc: keep the largest connected component
-    of the SCDA mask (ImageNet rows only, SPEC S5); features: what it produces (cfga.features)."""
+    """name: protocol id; resize: method.md §2 rule; lcc: keep the largest connected component
+    of the SCDA mask (ImageNet rows only, method.md S5); features: what it produces (cfga.features)."""
 
     name: str
     resize: Resize
@@ -50,7 +50,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "proxy_anchor": Protocol("proxy_anchor", Resize(short=256, upsample=True, crop=224), lcc=False,
                              embedding="proxy_anchor"),
     "dgpcrl": Protocol("dgpcrl", Resize(short=280, upsample=False, crop=None), lcc=False, embedding="pooling"),
-    # Swin and ViT (TRANSFORMERS.md §7): proxy_anchor's Resize(256) + CenterCrop(224), with LCC.
+    # Swin and ViT (method.md §T7): proxy_anchor's Resize(256) + CenterCrop(224), with LCC.
     "scda_224": Protocol("scda_224", Resize(short=256, upsample=True, crop=224), lcc=True),
 }
 

@@ -1,6 +1,6 @@
 """Fine-tune a ResNet with a deep-metric-learning loss and save it in the authors' format.
 
-Offline stand-in for the authors' trained DML checkpoints (SPEC §1.1): start from a torchvision
+Offline stand-in for the authors' trained DML checkpoints (method.md §1.1): start from a torchvision
 backbone state, add a 512-d embedding head, train it with pytorch-metric-learning, and write the
 result in exactly the layout the evaluation loads (:mod:`cfga.checkpoints`):
 
@@ -162,7 +162,7 @@ def train_dml(
         raise ValueError(f"DML training supports ResNet and Swin backbones, not {arch} ({family})")
     if family == "swin" and HEAD_FOR_LOSS.get(loss) != "ms":
         raise ValueError(f"loss {loss!r} trains the {HEAD_FOR_LOSS.get(loss)} head, which a Swin does not have; "
-                         "a Swin takes the ms head (losses ms, cosface, arcface; TRANSFORMERS.md §7)")
+                         "a Swin takes the ms head (losses ms, cosface, arcface; method.md §T7)")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if settings.trainable not in TRAINABLE:
@@ -254,7 +254,7 @@ def train_dml(
 
 def save_trained(path, net: nn.Module, loss: str) -> None:
     """Write ``net`` in the authors' format for ``loss``: ms/cosface/arcface → ms, proxy_anchor → proxy
-    (a Swin: the ms layout of TRANSFORMERS.md §7)."""
+    (a Swin: the ms layout of method.md §T7)."""
     fmt = FORMAT_FOR_LOSS.get(loss)
     if fmt is None:
         raise ValueError(f"unknown DML loss {loss!r}; known: {', '.join(LOSSES)}")
@@ -277,7 +277,7 @@ def _swin_with_head(backbone_state: dict, arch: str, seed: int) -> nn.Module:
 
 
 def _swin_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The token map F [B, C, h, w] (TRANSFORMERS.md §2); stages whose weights are all frozen run
+    """The token map F [B, C, h, w] (method.md §T2); stages whose weights are all frozen run
     without autograd (``trainable="layer4"``: only the last stage, the final norm and the head learn)."""
     stages = list(net.features)
     i = 0

@@ -1,4 +1,4 @@
-"""The DML embedding heads (cfga.backbones.heads, SPEC §4.4)."""
+"""The DML embedding heads (cfga.backbones.heads, method.md §4.4)."""
 import pytest
 import torch
 import torch.nn.functional as Fn

@@ -4,7 +4,6 @@ tests/reference/transformer_reference.py: every feature, cosine ≥ 0.9999 per r
 Small torchvision Swin / ViT configurations (the real classes, few channels) keep the whole
 network backward of the reference affordable on a 2-core CPU; one test runs the real swin_t.
 """
-from functools import partial
 
 import numpy as np
 import pytest
@@ -130,7 +129,7 @@ def test_empty_image_list_has_every_feature():
 @pytest.mark.parametrize("zero_rows", [0, 30])
 def test_linear_vectors_batched_and_per_image_paths_agree_with_the_reference(zero_rows):
     """The CPU per-image path (skipping zero-gradient tokens) and the batched path used on GPUs
-    both equal SPEC §5.2 on each image's own dYᵀX."""
+    both equal method.md §5.2 on each image's own dYᵀX."""
     from cfga.numerics.gradients import linear_vectors
     from tests.reference.spec_reference import reference_grad_to_vector
 

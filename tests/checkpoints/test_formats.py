@@ -1,4 +1,4 @@
-"""The authors' checkpoint formats (SPEC §1.2, cfga.checkpoints.formats): sniffing and the strict
+"""The authors' checkpoint formats (method.md §1.2, cfga.checkpoints.formats): sniffing and the strict
 mapping to torchvision keys, with errors that name the key, the format and the file."""
 import re
 

@@ -1,4 +1,4 @@
-"""Checkpoint writers (cfga.checkpoints.save): exactly the authors' key layouts (SPEC §1.2)."""
+"""Checkpoint writers (cfga.checkpoints.save): exactly the authors' key layouts (method.md §1.2)."""
 import pytest
 import torch
 import torchvision

@@ -126,7 +126,7 @@ def test_dml_protocols_match_reference(images, protocol):
 
 
 def test_empty_mask_without_lcc_falls_back_to_whole_map(images, resnet50, caplog):
-    """SPEC S6: a ≤ 32 px image gives a 1×1 map; the authors crash without LCC, we use the whole map."""
+    """method.md S6: a ≤ 32 px image gives a 1×1 map; the authors crash without LCC, we use the whole map."""
     model = resnet50  # the dgpcrl protocol reads a plain torchvision ResNet-50 (fc 1000)
     tiny = [p for p, (h, w, _) in zip(images, SIZES) if min(h, w) <= 32]
     with caplog.at_level("WARNING", logger="cfga.extraction.pipeline"):

@@ -61,7 +61,7 @@ def test_odd_images_through_extract_equal_pil_converted_inputs(model, odd, tiny)
 @pytest.mark.parametrize("protocol", ["scda", "dgpcrl"])
 def test_tiny_images_one_by_one_map_give_finite_whole_map_features(model, tiny, protocol, caplog):
     """≤ 32 px → 1×1 layer4 map → S constant → threshold mask B empty. scda (LCC): whole map per
-    SPEC §4.1; dgpcrl (no LCC): whole-map fallback with a warning (SPEC S6). With a whole 1×1 map,
+    method.md §4.1; dgpcrl (no LCC): whole-map fallback with a warning (method.md S6). With a whole 1×1 map,
     avg = max = F, so SCDA = Pooling and 'SCDA original' = the two halves each normalised."""
     with caplog.at_level("WARNING", logger="cfga.extraction.pipeline"):
         feats = extract_features(model, tiny, protocol, batch_size=8)
@@ -163,7 +163,7 @@ def test_all_zero_layer4_map_gives_all_zero_features(dead_layer4, tiny, tmp_path
 @pytest.mark.parametrize("protocol", ["scda", "dgpcrl", "ms"])
 def test_constant_map_uses_whole_map_in_every_protocol(protocol):
     """A constant (non-zero) map: B is empty for every protocol; the features must equal the
-    whole-map ones (LCC: SPEC §4.1; no LCC: the S6 fallback), finite, unit norm."""
+    whole-map ones (LCC: method.md §4.1; no LCC: the S6 fallback), finite, unit norm."""
     F = torch.full((4, 2, 3), 0.5)
     F[1] = 2.0
     feats, mask = image_level_features(F, get_protocol(protocol))

@@ -1,4 +1,4 @@
-"""Pixel-exact preprocessing (SPEC §2) and image decoding: odd formats load exactly as PIL's
+"""Pixel-exact preprocessing (method.md §2) and image decoding: odd formats load exactly as PIL's
 convert('RGB'), broken files and decompression bombs raise an ImageError naming the file."""
 import warnings
 
@@ -144,7 +144,7 @@ def test_palette_transparency_is_not_refused_when_warnings_are_errors(odd):
 
 
 def test_16bit_grayscale_follows_pil(odd):
-    """Decision (SPEC §2 prescribes ``Image.open(path).convert('RGB')``, nothing else): a 16-bit
+    """Decision (method.md §2 prescribes ``Image.open(path).convert('RGB')``, nothing else): a 16-bit
     grayscale PNG gets exactly what this Pillow's convert('RGB') gives. Pillow (13.x here) clips
     I;16 to 8 bits (≥ 255 → 255, no rescale), so a real 16-bit scan comes out almost white: that is
     what the authors' loader fed the network, and rescaling would silently diverge from it. Should

@@ -1,4 +1,4 @@
-"""Gradient → vector on whole gradients (cfga.numerics.aggregation, SPEC §5): the per-kernel
+"""Gradient → vector on whole gradients (cfga.numerics.aggregation, method.md §5): the per-kernel
 response, the strict selection and mean, the plain ``grad_to_vector`` (the reference the shipped
 per-image path of cfga.numerics.gradients is compared with)."""
 import numpy as np
@@ -59,7 +59,7 @@ def test_zero_gradient_gives_zero_vector(k):
 
 
 def test_3x3_constant_kernel_has_zero_response():
-    """One kernel of nine equal taps (0.1), every other kernel zero: SPEC §5.1 gives r = 0
+    """One kernel of nine equal taps (0.1), every other kernel zero: method.md §5.1 gives r = 0
     everywhere → no selection → the zero vector (the oracle's answer). (Fixed: a constant kernel has std exactly 0.)"""
     G = np.zeros((1, 2, 2, 3, 3), np.float32)
     G[0, 0, 0] = 0.1

@@ -65,7 +65,7 @@ def test_kernel_responses_1x1_bit_identical_to_full_gradient_path():
 
 @pytest.mark.parametrize("relu", [True, False])
 def test_kernel_responses_3x3_match_full_gradient_path(relu):
-    """Range + std from the tap-centred inputs equal SPEC §5.1 on the whole gradient (float rounding
+    """Range + std from the tap-centred inputs equal method.md §5.1 on the whole gradient (float rounding
     aside)."""
     conv, X, dY = _conv_case(3, 1, relu=relu)
     G = per_sample_weight_grad(X, dY, conv).double()
@@ -290,7 +290,7 @@ def test_fuzz_1x1_equals_oracle_exactly(G):
 
 
 def _oracle_r(G):
-    """The oracle's per-kernel response (SPEC §5.1 with torch.std), [C_out, C_in]."""
+    """The oracle's per-kernel response (method.md §5.1 with torch.std), [C_out, C_in]."""
     g = torch.from_numpy(G)
     flat = g.flatten(-2)
     return flat.max(dim=-1).values + (-flat).max(dim=-1).values + flat.std(dim=-1)
@@ -315,7 +315,7 @@ def _on_a_dyadic_grid(G):
 
 def _check_against_oracle(G, r, out, what):
     """Image by image: r within 1e-6 of the oracle's; same selection → the oracle's vector; a
-    flipped selection only on near-ties (SPEC S13's accepted band)."""
+    flipped selection only on near-ties (method.md S13's accepted band)."""
     for b in range(G.shape[0]):
         ref = reference_grad_to_vector(G[b])
         ro, rc = _oracle_r(G[b]), r[b]
@@ -346,7 +346,7 @@ def test_fuzz_3x3_equals_oracle_up_to_ties(G):
     * when both selections coincide the vectors agree up to normalisation rounding (1e-6, and the
       same zero pattern) — always the case when r is bit-identical;
     * otherwise a strict '>' flipped on a near-tie: every flipped cell lies within 1e-6 (relative)
-      of its threshold (SPEC S13's accepted ~1e-8..1e-4 band), and the output is still unit/zero.
+      of its threshold (method.md S13's accepted ~1e-8..1e-4 band), and the output is still unit/zero.
     Constant non-zero kernels at an inexact scale are a known defect (spurious std), tested apart
     in test_3x3_constant_kernel_has_zero_response; they are excluded here."""
     assume(not (not _on_a_dyadic_grid(G) and _has_constant_nonzero_kernel(G)))
@@ -381,7 +381,7 @@ def test_fuzz_3x3_dyadic_constant_kernels_are_exact(G):
 @settings(max_examples=60, deadline=None)
 @given(gradients(k=1), st.sampled_from([2.0**-30, 2.0**20]))
 def test_fuzz_1x1_is_scale_invariant(G, s):
-    """SPEC §5 is scale-invariant (r ∝ G, selection unchanged, then normalised)."""
+    """method.md §5 is scale-invariant (r ∝ G, selection unchanged, then normalised)."""
     a = grad_to_vector(torch.from_numpy(G))
     b = grad_to_vector(torch.from_numpy(G * np.float32(s)))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The SCDA mask (cfga.numerics.mask, SPEC §4.1): strict threshold, largest 4-connected component."""
+"""The SCDA mask (cfga.numerics.mask, method.md §4.1): strict threshold, largest 4-connected component."""
 import numpy as np
 import torch
 

@@ -1,4 +1,4 @@
-"""Tests for cfga.numerics.metrics: the authors' Recall@K (SPEC §8.1) and MAP@R (SPEC §8.3).
+"""Tests for cfga.numerics.metrics: the authors' Recall@K (method.md §8.1) and MAP@R (method.md §8.3).
 
 Reference implementations below are deliberately literal per-query numpy loops.
 """
@@ -22,7 +22,7 @@ KS = (1, 2, 4, 8, 16, 32)
 
 
 def literal_recall(X, y, ks=KS):
-    """SPEC §8.1 word for word: float64 Sim = X X^T; P includes the query itself;
+    """method.md §8.1 word for word: float64 Sim = X X^T; P includes the query itself;
     t = sorted(P)[-2]; n_i = #(different-label sims > t); hit@K iff n_i < K."""
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y)

@@ -101,7 +101,7 @@ def test_gallery_equals_reference_exactly_on_ties(name, seed):
 
 
 def loo_recall(X, y, ks):
-    """SPEC §8.1 without a gallery, vectorised: t = second-largest same-label value, self included."""
+    """method.md §8.1 without a gallery, vectorised: t = second-largest same-label value, self included."""
     S = np.asarray(X, np.float64) @ np.asarray(X, np.float64).T
     same = y[:, None] == y[None, :]
     t = -np.sort(-np.where(same, S, -np.inf), axis=1)[:, 1]

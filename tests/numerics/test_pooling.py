@@ -1,4 +1,4 @@
-"""Pooling, SCDA features and the L2 normalisation (cfga.numerics.pooling, SPEC §4.2-4.3), zero
+"""Pooling, SCDA features and the L2 normalisation (cfga.numerics.pooling, method.md §4.2-4.3), zero
 maps and empty masks included."""
 import numpy as np
 import pytest
@@ -40,7 +40,7 @@ def test_pooling_is_gap_then_gmp_concatenated_then_normalised():
 @pytest.mark.parametrize("shape", [(4, 1, 1), (4, 3, 5)])
 def test_zero_map_pure_functions(shape):
     F = torch.zeros(shape)
-    assert scda_mask(F, lcc=True).all()  # empty B → whole map (SPEC §4.1)
+    assert scda_mask(F, lcc=True).all()  # empty B → whole map (method.md §4.1)
     assert not scda_mask(F, lcc=False).any()  # no LCC: B stays empty
     for mask in (scda_mask(F, lcc=True), torch.zeros(shape[1:], dtype=torch.bool)):
         for f64 in (True, False):
@@ -59,7 +59,7 @@ def test_empty_mask_on_a_nonzero_map_gives_zeros_not_nan():
 
 
 def test_l2_normalize_zero_and_tiny_match_the_oracle_rule():
-    """Zero norm → zeros (SPEC §4.2). A vector so small that Σv² underflows float32 (≲1e-19) also
+    """Zero norm → zeros (method.md §4.2). A vector so small that Σv² underflows float32 (≲1e-19) also
     gets norm 0 and becomes zeros: the numpy float32 oracle (v / np.linalg.norm(v)) does the same,
     so this pins agreement with the reference, not a mathematical ideal."""
     v = np.array([[0.0, 0.0, 0.0], [1e-30, 0.0, 0.0], [3e-39, 0.0, 0.0], [3e-19, 4e-19, 0.0],

@@ -1,4 +1,4 @@
-"""The CFGA scalar L (cfga.numerics.scalar, SPEC §4.5) and its gradient."""
+"""The CFGA scalar L (cfga.numerics.scalar, method.md §4.5) and its gradient."""
 import torch
 
 from cfga.numerics.scalar import cfga_scalar

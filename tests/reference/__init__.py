@@ -1,4 +1,4 @@
-"""Independent, deliberately plain reference implementation of /work/shared/spec/SPEC.md.
+"""Independent, deliberately plain reference implementation of the method (docs/method.md).
 
 Used only as a test oracle. It must never import from the ``cfga`` package.
 """

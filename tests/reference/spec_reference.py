@@ -5,14 +5,14 @@ Design rules (deliberately different from a fast implementation):
 * batch size 1, one image at a time;
 * autograd through the WHOLE network (every parameter has ``requires_grad=True``), like the
   authors' code;
-* the back-propagated scalar is built in the authors' float order (SPEC 4.5);
-* CFGA selection / aggregation in torch float32, normalisation in numpy float32 (SPEC 5);
-* SCDA features in float64 for the LCC protocol and float32 otherwise (SPEC 4.2);
-* metrics as literal per-query Python loops (SPEC 8.1, 8.3).
+* the back-propagated scalar is built in the authors' float order (method.md §4.5);
+* CFGA selection / aggregation in torch float32, normalisation in numpy float32 (method.md §5);
+* SCDA features in float64 for the LCC protocol and float32 otherwise (method.md §4.2);
+* metrics as literal per-query Python loops (method.md §8.1, 8.3).
 
 Nothing here imports from the ``cfga`` package: independence is the point.
 
-Section numbers in comments refer to SPEC.md.
+Section numbers in comments refer to docs/method.md.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ __all__ = [
 
 PROTOCOLS = ("scda", "dgpcrl", "ms", "proxy_anchor")
 
-# (paper name, parameter name) in named_parameters() order (SPEC 5.4).
+# (paper name, parameter name) in named_parameters() order (method.md §5.4).
 CFGA_LAYERS = (
     ("cfga_4_1_1", "layer4.1.conv1.weight"),
     ("cfga_4_1_2", "layer4.1.conv2.weight"),
@@ -130,7 +130,7 @@ def _to_normalized_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def cap_700(x: torch.Tensor) -> torch.Tensor:
-    """The authors' dead "700 cap" (SPEC 2, S1): if min(h, w) > 700, bilinearly resize the
+    """The authors' dead "700 cap" (method.md §2, S1): if min(h, w) > 700, bilinearly resize the
     tensor (align_corners=True) to (int(h*(700/m)), int(w*(700/m))). Never fires after the
     protocol loaders, kept for fidelity."""
     h, w = int(x.shape[-2]), int(x.shape[-1])
@@ -191,7 +191,7 @@ def trunk_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_lcc(B: np.ndarray) -> np.ndarray:
-    """Largest 4-connected component of the boolean map B (SPEC 4.1).
+    """Largest 4-connected component of the boolean map B (method.md §4.1).
 
     Labels with skimage (connectivity=1, background=0). Ties go to the lowest label number
     (the loop replaces the best only on a strictly larger count). If B is empty the best label
@@ -246,7 +246,7 @@ def _l2n(v: np.ndarray) -> np.ndarray:
 
 
 def reference_grad_to_vector(G: np.ndarray) -> np.ndarray:
-    """CFGA (SPEC 5.1-5.2): weight gradient [C_out, C_in, k, k] -> unit vector [C_in] (float32).
+    """CFGA (method.md §5.1-5.2): weight gradient [C_out, C_in, k, k] -> unit vector [C_in] (float32).
 
     * 3x3: r = max(G) + max(-G) + unbiased std over the 9 taps (no abs);
     * 1x1: r = |G|;
@@ -290,7 +290,7 @@ def expected_keys(protocol: str) -> Tuple[str, ...]:
 
 
 def _scda_features(Fn: np.ndarray, M: np.ndarray, a: int, lcc: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """SPEC 4.2. Fn: float32 [C, h, w]; M: bool [h, w]. Returns (max_avg_norm, norm_max_avg)."""
+    """method.md §4.2. Fn: float32 [C, h, w]; M: bool [h, w]. Returns (max_avg_norm, norm_max_avg)."""
     C = Fn.shape[0]
     if lcc:
         Fm = Fn * M.astype(np.int64)  # int mask promotes the product to float64
@@ -305,7 +305,7 @@ def _scda_features(Fn: np.ndarray, M: np.ndarray, a: int, lcc: bool) -> Tuple[np
 
 
 def _pooling(Fn: np.ndarray) -> np.ndarray:
-    """SPEC 4.3: L2([GAP; GMP]) in numpy float32, no mask."""
+    """method.md §4.3: L2([GAP; GMP]) in numpy float32, no mask."""
     C = Fn.shape[0]
     flat = Fn.reshape(C, -1)
     gap = flat.mean(axis=1)
@@ -314,7 +314,7 @@ def _pooling(Fn: np.ndarray) -> np.ndarray:
 
 
 def _dml_embedding(model: nn.Module, F: torch.Tensor, protocol: str) -> np.ndarray:
-    """SPEC 4.4 (net head, then a numpy re-normalisation)."""
+    """method.md §4.4 (net head, then a numpy re-normalisation)."""
     with torch.no_grad():
         gmp = nn.AdaptiveMaxPool2d(1)(F).flatten(1)
         if protocol == "ms":
@@ -329,7 +329,7 @@ def _dml_embedding(model: nn.Module, F: torch.Tensor, protocol: str) -> np.ndarr
 
 
 def reference_scalar(F: torch.Tensor, M: np.ndarray) -> torch.Tensor:
-    """The back-propagated scalar of SPEC 4.5, in the authors' float order.
+    """The back-propagated scalar of method.md §4.5, in the authors' float order.
 
     Fm = F * float32 mask; gmp = AdaptiveMaxPool2d(1)(Fm); gap = coef * AdaptiveAvgPool2d(1)(Fm)
     with coef = (h*w)/a a Python float; L = sum of both. Max-pool routes the gradient to the
@@ -412,7 +412,7 @@ def reference_features(
 def reference_recall_at_k(
     X: np.ndarray, y: Sequence, ks: Iterable[int] = (1, 2, 4, 8, 16, 32)
 ) -> Dict[int, float]:
-    """Literal SPEC 8.1 (the authors' RetMetric): raw dot product, query = gallery.
+    """Literal method.md §8.1 (the authors' RetMetric): raw dot product, query = gallery.
 
     For query i: P = similarities to every same-label item INCLUDING i; t = sorted(P)[-2];
     n = number of different-label similarities strictly greater than t; hit@K iff n < K.
@@ -437,7 +437,7 @@ def reference_recall_at_k(
 
 
 def reference_map_at_r(X: np.ndarray, y: Sequence) -> float:
-    """Plain MAP@R (SPEC 8.3): dot-product similarity, query = reference, the query itself is
+    """Plain MAP@R (method.md §8.3): dot-product similarity, query = reference, the query itself is
     removed; ties broken by index (stable sort). R_i = number of other items with the label.
     Queries with R_i = 0 are left out of the mean (as pytorch-metric-learning does); 0.0 if
     every query is such a one."""
@@ -465,7 +465,7 @@ def reference_map_at_r(X: np.ndarray, y: Sequence) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Test helpers: seeded models (SPEC 11, models A and B)
+# Test helpers: seeded models (method.md §11, models A and B)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -493,7 +493,7 @@ def jitter_bn(
     bias_shift: float = 0.1,
     bias_scale: float = 0.2,
 ) -> nn.Module:
-    """Make a random ResNet numerically realistic ("model B", SPEC 11).
+    """Make a random ResNet numerically realistic ("model B", method.md §11).
 
     1. Recalibrate every BatchNorm's running statistics on ``images`` (batch size 1, cumulative
        average), so activations stay O(1) through the depth.

@@ -4,12 +4,12 @@ Design rules (deliberately unlike the fast path in ``cfga``):
 
 * batch size 1, one image at a time;
 * the whole torchvision model runs with autograd, every parameter ``requires_grad``; one plain
-  ``backward()`` of L; the CFGA gradients are the weights' ``.grad`` (TRANSFORMERS.md §8);
+  ``backward()`` of L; the CFGA gradients are the weights' ``.grad`` (method.md §T8);
 * the token map and the class token come from torchvision's own modules (§2);
 * mask, scalar and image-level features written out per channel in numpy / float64 (§3, §4).
 
 Nothing here imports from the ``cfga`` package. Preprocessing (§7) and the gradient → vector
-transform (§5 = SPEC §5.2 for 1×1 kernels) are ``spec_reference``'s, themselves independent.
+transform (§5 = method.md §5.2 for 1×1 kernels) are ``spec_reference``'s, themselves independent.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def family(model: nn.Module) -> str:
 
 
 def cfga_parameters(model: nn.Module) -> Tuple[Tuple[str, str], ...]:
-    """(feature name, parameter name) of the eight CFGA weights (TRANSFORMERS.md §5, §6)."""
+    """(feature name, parameter name) of the eight CFGA weights (method.md §T5, §6)."""
     if family(model) == "swin":
         s = len(model.features) - 1
         n = len(model.features[s])

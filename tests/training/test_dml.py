@@ -140,7 +140,7 @@ def test_bad_inputs_are_refused(data, backbone):
 
 @pytest.mark.parametrize("loss,kind", [("ms", "ms"), ("cosface", "ms"), ("arcface", "ms"), ("proxy_anchor", "proxy_anchor")])
 def test_trained_head_is_the_evaluated_head(loss, kind):
-    """The head train_dml optimises equals the extraction's DML embedding (SPEC §4.4), up to rounding."""
+    """The head train_dml optimises equals the extraction's DML embedding (method.md §4.4), up to rounding."""
     import cfga.extraction.pipeline as extract
 
     from cfga.registry.protocols import get_protocol
