@@ -159,15 +159,19 @@ def floor_extract(net, paths, device, batch_size) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def floor_tuned_extract(net, paths, device, batch_size) -> np.ndarray:
-    """(b'): the floor with cfga's trunk (exact stem max-pool, in-place norms) and in-process loader."""
-    proto = get_protocol("scda")
+def _batches(paths, device, batch_size, proto):
+    """The loader of cfga.extract_features: same-size batches, in-process decoding on the CPU."""
     sizes = [output_size(*peek_size(p), proto.resize) for p in paths]
     batches = size_buckets(sizes, batch_size)
     if device.type == "cpu":
-        loader = in_process_batches(paths, batches, proto.resize)
-    else:
-        loader = ((idx, torch.stack([preprocess(paths[i], proto.resize) for i in idx])) for idx in batches)
+        return in_process_batches(paths, batches, proto.resize)
+    return ((idx, torch.stack([preprocess(paths[i], proto.resize) for i in idx])) for idx in batches)
+
+
+def floor_tuned_extract(net, paths, device, batch_size) -> np.ndarray:
+    """(b'): the floor with cfga's trunk (exact stem max-pool, in-place norms) and in-process loader."""
+    proto = get_protocol("scda")
+    loader = _batches(paths, device, batch_size, proto)
     out = []
     with torch.no_grad():
         for _, x in loader:
@@ -285,12 +289,7 @@ def transformer_model(arch: str, device: torch.device) -> torch.nn.Module:
 
 def transformer_floor(net, paths, device, batch_size, proto) -> np.ndarray:
     """(b): same loader and batches as cfga.extract_features, plain forward to the token map + pooling."""
-    sizes = [output_size(*peek_size(p), proto.resize) for p in paths]
-    batches = size_buckets(sizes, batch_size)
-    if device.type == "cpu":
-        loader = in_process_batches(paths, batches, proto.resize)
-    else:
-        loader = ((idx, torch.stack([preprocess(paths[i], proto.resize) for i in idx])) for idx in batches)
+    loader = _batches(paths, device, batch_size, proto)
     swin = isinstance(net, torchvision.models.SwinTransformer)
     out = []
     with torch.no_grad():

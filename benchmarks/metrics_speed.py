@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -47,6 +46,8 @@ import subprocess
 import tempfile
 
 import numpy as np
+
+from _machine import cpu_name  # benchmarks/ is the script's directory
 
 from cfga.numerics.metrics import retrieval_metrics
 
@@ -132,24 +133,13 @@ def suite(args) -> list[dict]:
               f"{r['peak_rss_mb']:>12.0f} {r['recall@1']:>8.4f} {r['map@r']:>8.4f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"cpu": _cpu_name(), "rows": rows}, fh, indent=1)
+            json.dump({"cpu": cpu_name(), "rows": rows}, fh, indent=1)
     return rows
 
 
 def _maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _loadavg():
@@ -226,7 +216,7 @@ def main(argv=None) -> dict:
         "dim": args.dim,
         "classes": classes,
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "threads": args.threads,
         "block_size": args.block_size,
         "warmup_s": round(t_warm, 3),

@@ -26,19 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_name  # benchmarks/ is the script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(wd: Path, n: int, seed: int = 0) -> None:
@@ -102,7 +93,7 @@ def main(argv=None) -> dict:
     summary = {
         "benchmark": "retrieve_speed", "gallery": args.gallery, "threads": args.threads,
         "seconds": [round(x, 2) for x in times], "median_s": round(statistics.median(times), 2),
-        "cpu": _cpu_name(), "cores": os.cpu_count(),
+        "cpu": cpu_name(), "cores": os.cpu_count(),
         "loadavg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
     }
     print(f"cfga retrieve, 1 query, gallery {args.gallery}: median {summary['median_s']} s "
