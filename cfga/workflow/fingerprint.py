@@ -77,6 +77,13 @@ def _parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
+# Modules a package imports by a computed name (importlib), which the import scan cannot see:
+# cfga.backbones.family_module loads the family modules.
+DYNAMIC_IMPORTS: dict[str, tuple[str, ...]] = {
+    "cfga.backbones": ("cfga.backbones.resnet", "cfga.backbones.swin", "cfga.backbones.vit"),
+}
+
+
 def module_closure(entries: Iterable[str], exclude: Iterable[str] = (), root: Path = CFGA_DIR) -> list[str]:
     """Every cfga module importing ``entries`` runs, sorted: their imports, transitively.
 
@@ -97,6 +104,7 @@ def module_closure(entries: Iterable[str], exclude: Iterable[str] = (), root: Pa
         seen[name] = full
         tree = _parse(path)
         deps = imported_modules(tree, name, path.name == "__init__.py", top_level_only=not full, root=root)
+        deps |= set(DYNAMIC_IMPORTS.get(name, ())) if full else set()
         todo += [(d, True) for d in deps]
         todo += [(p, False) for p in _parents(name)]
     return sorted(seen)
