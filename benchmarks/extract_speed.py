@@ -185,6 +185,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed_runs(runs: dict, counts: dict, repeats: int, device):
+    """Warm every run up once (allocator, cuDNN autotune, page cache), then time ``repeats`` rounds,
+    rotating the order every round: no method always follows the same one (caches, allocator, the
+    authors' large backward), so order effects cancel. → ({name: [s/image]}, {name: last result})."""
+    for f in runs.values():
+        f()
+    times = {k: [] for k in runs}
+    results = {}
+    keys = list(runs)
+    for rep in range(repeats):
+        for k in keys[rep % len(keys):] + keys[: rep % len(keys)]:
+            sync(device)
+            t0 = time.perf_counter()
+            results[k] = runs[k]()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / counts[k])
+    return times, results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -217,21 +236,7 @@ def main() -> None:
         "cfga": lambda: extract_features(net, paths, "scda", batch_size=bs, num_workers=args.num_workers),
     }
     counts = {"authors": n_a, "floor": args.n, "floor_tuned": args.n, "cfga": args.n}
-    for f in runs.values():  # warm-up (allocator, cuDNN autotune, page cache)
-        f()
-    times = {k: [] for k in runs}
-    results = {}
-    keys = list(runs)
-    for rep in range(args.repeats):
-        # Rotate the order every repeat: no method always follows the same one (caches, allocator,
-        # the authors' large backward), so order effects cancel over the repeats.
-        for k in keys[rep % len(keys):] + keys[: rep % len(keys)]:
-            f = runs[k]
-            sync(device)
-            t0 = time.perf_counter()
-            results[k] = f()
-            sync(device)
-            times[k].append((time.perf_counter() - t0) / counts[k])
+    times, results = timed_runs(runs, counts, args.repeats, device)
 
     per_img = {k: statistics.median(v) for k, v in times.items()}
     ref, ours = results["authors"], results["cfga"]
@@ -318,18 +323,7 @@ def transformer_main(args) -> None:
         "floor": lambda: transformer_floor(net, paths, device, bs, proto),
         "cfga": lambda: extract_features(net, paths, protocol, batch_size=bs, num_workers=args.num_workers),
     }
-    for f in runs.values():
-        f()
-    times = {k: [] for k in runs}
-    results = {}
-    keys = list(runs)
-    for rep in range(args.repeats):
-        for k in keys[rep % len(keys):] + keys[: rep % len(keys)]:
-            sync(device)
-            t0 = time.perf_counter()
-            results[k] = runs[k]()
-            sync(device)
-            times[k].append((time.perf_counter() - t0) / args.n)
+    times, results = timed_runs(runs, {k: args.n for k in runs}, args.repeats, device)
     single = extract_features(net, paths[: min(4, args.n)], protocol, batch_size=1)
     dev = max(float(np.abs(single[k] - results["cfga"][k][: len(paths[:4])]).max()) for k in single)
     per_img = {k: statistics.median(v) for k, v in times.items()}
