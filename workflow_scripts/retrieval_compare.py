@@ -8,7 +8,7 @@ from _common import rule_logging
 from cfga.data.manifest import read_manifest
 from cfga.extraction.store import load_features
 from cfga.outputs.gallery import compare_figure
-from cfga.outputs.retrieval import choose_queries, gallery_neighbours
+from cfga.outputs.retrieval import choose_queries, gallery_k, gallery_neighbours
 from cfga.registry.features import FEATURES
 
 sm = snakemake  # noqa: F821
@@ -16,7 +16,8 @@ with rule_logging(sm):
     feats, labels, paths, _meta = load_features(sm.input.features)
     names = {r.label: r.class_name for r in read_manifest(sm.input.manifest)}
     queries = choose_queries(labels, sm.params.queries)
-    groups = [(f"{FEATURES[f].column}: top-{sm.params.k}", gallery_neighbours(feats[f], labels, queries, sm.params.k))
+    k = gallery_k(sm.params.k, len(labels))
+    groups = [(f"{FEATURES[f].column}: top-{k}", gallery_neighbours(feats[f], labels, queries, k))
               for f in sm.params.features]
     a, b = (FEATURES[f].column for f in sm.params.features)
     compare_figure(sm.input.root, paths, labels, names, queries, groups, sm.output[0],

@@ -64,6 +64,13 @@ class Neighbour:
     same_class: bool | None
 
 
+def gallery_k(k: int, n_rows: int) -> int:
+    """The k a workflow gallery shows: the config's ``retrieval.k``, or every other row of a
+    feature file that has fewer (a tiny dataset must not fail the run; ``cfga retrieve`` refuses
+    a k larger than the gallery instead)."""
+    return max(0, min(k, n_rows - 1))
+
+
 def gallery_neighbours(feats: np.ndarray, labels: Sequence[int], queries: Sequence[int], k: int
                        ) -> list[list[Neighbour]]:
     """Top-k neighbours of each gallery row in ``queries`` among the other rows of ``feats``."""
