@@ -12,7 +12,7 @@ import scipy.io
 from cfga.data import synthetic
 from PIL import Image
 
-from cfga.data.archives import DatasetError, extract_images
+from cfga.data.archives import extract_images
 from cfga.data.formats import (
     CUB_PREFIX,
     ingest_dataset,
@@ -22,6 +22,7 @@ from cfga.data.formats import (
 )
 from cfga.data.manifest import read_manifest
 from cfga.files import md5_file
+from tests.data.layouts import expect_fail
 from tests.helpers import SYNTHETIC_CLASSES as C
 from tests.helpers import SYNTHETIC_IMAGES_PER_CLASS as N
 from tests.helpers import assert_nothing_left as _assert_nothing_left
@@ -183,14 +184,8 @@ def _cub_member(archive, name) -> str:
 
 
 def _expect_fail(cfg, tmp_path, *must_contain):
-    out = tmp_path / "out"
-    with pytest.raises(DatasetError) as ei:
-        ingest_dataset(cfg, out / "manifest.csv", out / "root")
-    msg = str(ei.value)
-    for s in must_contain:
-        assert str(s) in msg, msg
-    assert not (out / "manifest.csv").exists() and not (out / "root").exists()
-    _assert_nothing_left(out)
+    msg = expect_fail(cfg, tmp_path, *must_contain)  # also: no manifest, no extracted images
+    _assert_nothing_left(tmp_path / "out")
     return msg
 
 
