@@ -6,8 +6,9 @@ path never pays for the Transformer modules' imports).
 
 A Transformer family module provides: ``ARCHS`` (builders), ``trunk(net, x)`` (no autograd, up to
 the input of the second-to-last block), ``tail(net, h)`` → (F [B, C, h, w], class token or None,
-[(X, Y)] of the eight CFGA linears), ``cfga_blocks``, ``cfga_weights``, ``channels``,
-``block_count``, and its checkpoint layouts: ``LAYOUTS``, ``sniff_layout(state)``,
+[(X, Y)] of the eight CFGA linears), ``qkv_input_map(blk, X, (h, w))`` (a qkv linear's captured
+input X on the token grid, [B, C, h, w]; for the heatmaps), ``cfga_blocks``, ``cfga_weights``,
+``channels``, ``block_count``, and its checkpoint layouts: ``LAYOUTS``, ``sniff_layout(state)``,
 ``to_torchvision_keys(state, layout)``, ``COMPUTED_BUFFERS``. The ResNet module keeps its own,
 older shape (``trunk_to_layer4_0``, ``Layer4Tail``; formats in ``cfga.checkpoints.formats``):
 its features are pinned byte for byte, so it was left as it is.

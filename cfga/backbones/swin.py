@@ -64,6 +64,28 @@ def tail(net: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, None, list[tupl
     return F, None, cap.io
 
 
+
+def qkv_input_map(blk: nn.Module, X: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """What ``blk``'s attention passed to ``F.linear`` with its qkv weight, X [B·nW, Ws·Ws, C]
+    (windowed tokens), back on the token grid → [B, C, h, w] for the grid ``size`` = (h, w).
+
+    torchvision's ``shifted_window_attention`` run backwards: pad to whole windows, cyclic shift
+    by −shift (none on an axis whose padded length fits in one window), window partition; so
+    un-partition, roll back by +shift and crop the padding (the padded cells are zeros, not
+    tokens). v1 blocks feed it ``norm1(block input)``, v2 blocks (norm after attention) the block
+    input itself (method.md §T9).
+    """
+    h, w = size
+    wh, ww = blk.attn.window_size
+    ph, pw = -(-h // wh) * wh, -(-w // ww) * ww
+    sh = blk.attn.shift_size[0] if wh < ph else 0
+    sw = blk.attn.shift_size[1] if ww < pw else 0
+    C = X.shape[-1]
+    x = X.reshape(-1, ph // wh, pw // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ph, pw, C)
+    if sh or sw:
+        x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+    return x[:, :h, :w].permute(0, 3, 1, 2)
+
 # ---- checkpoint layouts (TRANSFORMERS.md §1): key maps onto torchvision's module names ----
 
 # Buffers torchvision computes in __init__: never read from a file (and absent from timm's).

@@ -90,6 +90,14 @@ def tail(net: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, l
     return F, T[:, 0], io
 
 
+
+def qkv_input_map(blk: nn.Module, X: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The qkv input X [B, 1 + h·w, C] (``ln_1`` of the layer's input, as ``_encoder_block``
+    records it) on the patch grid ``size`` = (h, w) → [B, C, h, w]: the class token dropped, the
+    patch tokens row-major as in F (method.md §T9). ``blk`` is unused (Swin needs its windows)."""
+    h, w = size
+    return X[:, 1:].reshape(X.shape[0], h, w, X.shape[-1]).permute(0, 3, 1, 2)
+
 # ---- checkpoint layouts (TRANSFORMERS.md §1): key maps onto torchvision's module names ----
 
 COMPUTED_BUFFERS: tuple[str, ...] = ()

@@ -88,12 +88,12 @@ def batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol, maps: di
 
     ``maps`` (opt-in, for heatmaps): a dict filled, from this very forward pass, with ``mask``
     (the SCDA mask, bool [B, h, w]) and ``inputs`` ({CFGA+ layer name: its input activations
-    [B, C_in, h, w]}, ``CFGA_PLUS_LAYERS`` order). None (the default) computes nothing extra.
+    [B, C_in, h, w]}, in CFGA+ order: ``CFGA_PLUS_LAYERS`` for a ResNet, the qkv layers for a
+    Transformer, whose inputs are tokens on the grid; method.md §T9). None (the default)
+    computes nothing extra.
     """
     if family_of(net, default="resnet") != "resnet":
-        if maps is not None:
-            raise NotImplementedError("CFGA heatmaps are computed for ResNet models only so far")
-        return transformer_batch_features(net, x, protocol)
+        return transformer_batch_features(net, x, protocol, maps)
     with torch.no_grad():
         h = trunk_to_layer4_0(net, cap_700(x))
     tail = Layer4Tail(net)

@@ -39,8 +39,13 @@ def net_features(net: nn.Module, protocol: Protocol) -> tuple[str, ...]:
     return transformer_features(protocol.name, fam, family_module(fam).block_count(net))
 
 
-def transformer_batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
-    """All features of one same-size batch x [B, 3, H, W] of a Swin or ViT → {name: float32 [B, D]}."""
+def transformer_batch_features(net: nn.Module, x: torch.Tensor, protocol: Protocol, maps: dict | None = None
+                               ) -> dict[str, torch.Tensor]:
+    """All features of one same-size batch x [B, 3, H, W] of a Swin or ViT → {name: float32 [B, D]}.
+
+    ``maps``: as ``cfga.extraction.pipeline.batch_features``'s; the CFGA+ layers' inputs are the
+    qkv linears' captured inputs on the token grid (``qkv_input_map``; method.md §T9).
+    """
     fam = family_of(net)
     bb = family_module(fam)
     with torch.no_grad():
@@ -70,6 +75,9 @@ def transformer_batch_features(net: nn.Module, x: torch.Tensor, protocol: Protoc
     B = x.shape[0]
     blocks = block_labels(fam, bb.block_count(net))
     names = cfga_names_of_blocks(blocks)
+    if maps is not None:  # before the loop below frees the captured inputs
+        maps["mask"] = mask
+        maps["inputs"] = qkv_inputs(bb, net, io, blocks, tuple(F.shape[-2:]))
     dYs = list(torch.autograd.grad(L, [y for _, y in io]))
     for i, name in enumerate(names):
         X, Y = io[i]
@@ -79,6 +87,15 @@ def transformer_batch_features(net: nn.Module, x: torch.Tensor, protocol: Protoc
         del X, Y, dY
     out["cfga_plus"] = torch.cat([out[n] for n in transformer_cfga_plus(blocks)], dim=1)
     return {k: out[k] for k in net_features(net, protocol)}
+
+
+def qkv_inputs(bb, net: nn.Module, io: list, blocks: tuple[str, str], size: tuple[int, int]
+               ) -> dict[str, torch.Tensor]:
+    """{CFGA+ feature name: its qkv linear's input on the token grid, [B, C, h, w]} from the
+    tail's io (``cfga_names_of_blocks`` order), in CFGA+ order."""
+    names = cfga_names_of_blocks(blocks)
+    return {n: bb.qkv_input_map(blk, io[names.index(n)][0], size)
+            for blk, n in zip(bb.cfga_blocks(net), transformer_cfga_plus(blocks))}
 
 
 def check_transformer(net: nn.Module, protocol: Protocol) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
 """Where CFGA looks: per query, the image with its SCDA mask outline, then the CFGA map of each
-CFGA+ layer (``cfga.numerics.cam``) over the image."""
+CFGA+ layer (``cfga.numerics.cam``) over the image. The layers are the model's own (ResNet:
+``cfga_4_1_2``, ``cfga_4_2_2``; Swin, ViT: the two qkv layers), labelled by their registry columns."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ from scipy import ndimage
 
 from cfga.extraction.maps import ImageMaps
 from cfga.outputs.gallery import QUERY, UNKNOWN, Cell, render_grid
-from cfga.registry.features import CFGA_PLUS_LAYERS, FEATURES
+from cfga.registry.features import FEATURES
 
 OUTLINE = (255, 230, 0)  # SCDA mask outline: yellow
 PANEL = 192  # px, longer side of a heatmap panel
@@ -55,16 +56,24 @@ def overlay(pic: Image.Image, cmap: np.ndarray | None, mask: np.ndarray | None) 
     return out
 
 
+def layer_label(name: str) -> str:
+    """A CFGA+ layer's short label: its registry column without "CFGA " ("4-1-2", "4-0 qkv",
+    "10 qkv"); the feature name itself for a layer the registry does not know (a test-sized ViT)."""
+    f = FEATURES.get(name)
+    return f.column.removeprefix("CFGA ") if f is not None else name
+
+
 def heatmap_figure(items: Sequence[ImageMaps], captions: Sequence[str], path: str | os.PathLike,
                    title: str = "") -> None:
-    """One row per image: image + SCDA mask outline, then each CFGA+ layer's map (with the outline)."""
+    """One row per image: image + SCDA mask outline, then each CFGA+ layer's map (with the outline).
+    The items come from one model: its layers (``ImageMaps.cfga_maps``' keys) head the columns."""
+    layers = list(items[0].cfga_maps) if items else []
     rows = []
     for it, cap in zip(items, captions):
         row = [Cell(overlay(it.image, None, it.mask), QUERY, cap)]
-        for n in CFGA_PLUS_LAYERS:
+        for n in layers:
             top = float(it.cfga_maps[n].max())
             row.append(Cell(overlay(it.image, it.cfga_maps[n], it.mask), UNKNOWN, f"max {top:.3g}"))
         rows.append(row)
-    heads = [(0, "image, SCDA mask (yellow)")] + [
-        (i + 1, f"CFGA map {FEATURES[n].column.removeprefix('CFGA ')}") for i, n in enumerate(CFGA_PLUS_LAYERS)]
+    heads = [(0, "image, SCDA mask (yellow)")] + [(i + 1, f"CFGA map {layer_label(n)}") for i, n in enumerate(layers)]
     render_grid(rows, path, title, group_titles=heads, thumb=PANEL)
