@@ -168,8 +168,7 @@ def retrieve(args) -> int:
     from cfga.outputs.gallery import Cell, UNKNOWN, neighbour_cell, query_cell, render_grid
     from cfga.outputs.heatmaps import overlay
     from cfga.outputs.retrieval import QUERY_COLUMNS, external_neighbours
-    from cfga.registry.features import CFGA_PLUS_LAYERS, FEATURES
-    from cfga.workflow import layout
+    from cfga.registry.features import FEATURES
 
     mcfg = plan["cfg"]["models"][args.model]
     _say(f"loading {args.model} ({mcfg['arch']}, protocol {plan['protocol']}) from {plan['checkpoint']}")
@@ -198,26 +197,19 @@ def retrieve(args) -> int:
                 print(f"{n.rank:>4}  {n.similarity:>10.6f}  {cls(n.index):<{width}}  {paths[n.index]}")
     sys.stdout.flush()
 
+    _say("CFGA heatmaps")
+    maps = cfga_heatmaps(model, list(args.queries), plan["protocol"])
+    layers = list(maps[0].cfga_maps)  # the model's CFGA+ layers (ResNet conv2s, Transformer qkvs)
     rows = []
-    if layout.has_heatmaps(mcfg):
-        _say("CFGA heatmaps")
-        maps = cfga_heatmaps(model, list(args.queries), plan["protocol"])
-        layers = CFGA_PLUS_LAYERS
-    else:  # a Transformer: no CFGA maps yet (README)
-        maps = [None] * len(args.queries)
-        layers = ()
     for query, m, row in zip(args.queries, maps, ns):
-        if m is None:
-            cells = [query_cell(Path(query), Path(query).name[:22])]
-        else:
-            cells = [query_cell(m.image, Path(query).name[:22]),
-                     *[Cell(overlay(m.image, m.cfga_maps[n], m.mask), UNKNOWN, FEATURES[n].column) for n in layers]]
+        cells = [query_cell(m.image, Path(query).name[:22]),
+                 *[Cell(overlay(m.image, m.cfga_maps[n], m.mask), UNKNOWN, FEATURES[n].column) for n in layers]]
         cells += [neighbour_cell(plan["root"] / paths[n.index], n.rank, n.similarity, None, cls(n.index)[:22])
                   for n in row]
         rows.append(cells)
-    heads = [(0, "query"), *([(1, "CFGA maps (SCDA mask: yellow)")] if layers else []), (1 + len(layers), "neighbours")]
+    heads = [(0, "query"), (1, "CFGA maps (SCDA mask: yellow)"), (1 + len(layers), "neighbours")]
     render_grid(rows, args.output, f"{args.dataset} / {args.model} / {FEATURES[args.feature].column}: "
-                f"top-{plan['k']} by dot product", group_titles=heads, gaps_after=[0, *([len(layers)] if layers else [])])
+                f"top-{plan['k']} by dot product", group_titles=heads, gaps_after=[0, len(layers)])
     _say(f"wrote {args.output}")
     return 0
 

@@ -103,8 +103,7 @@ def gallery_targets():
     for d, m in pairs():
         for f in layout.gallery_features(RETRIEVAL, MODELS[m]["protocol"], MODELS[m]["arch"]):
             out += [f"results/retrieval/{d}/{m}/{f}.csv", f"results/retrieval/{d}/{m}/{f}.png"]
-        if layout.has_heatmaps(MODELS[m]):
-            out.append(f"results/heatmaps/{d}/{m}.png")
+        out.append(f"results/heatmaps/{d}/{m}.png")
     for d in DATASETS:
         if layout.compare_model(DATASETS, MODELS, RETRIEVAL, d):
             out.append(f"results/retrieval/{d}/compare.png")

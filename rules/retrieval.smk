@@ -97,7 +97,7 @@ rule retrieval_compare:
 # maps of the CFGA+ layers from that same pass (cfga.extraction.maps). One job per dataset for all
 # its models: the imports (torch, torchvision) cost more CPU than one model's eight images.
 def _heatmap_rule(dataset):
-    models = [m for d, m in pairs() if d == dataset and layout.has_heatmaps(MODELS[m])]
+    models = [m for d, m in pairs() if d == dataset]
     if not models:
         return
 

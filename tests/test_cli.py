@@ -28,15 +28,21 @@ def _image(path, seed, size=(80, 64)):
     return path
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """config.yaml, a checkpoint, manifest, dataset images and the features file, as `snakemake all` lays them out."""
-    wd = tmp_path_factory.mktemp("wf")
+def _dataset(wd):
+    """The dataset's images and manifest under wd, as `snakemake all` lays them out → (rows, root)."""
     root = wd / f"results/datasets/{DATASET}"
     rows = [ManifestRow("test", i // 3, f"class{i // 3}", f"images/c{i // 3}/{i}.png") for i in range(9)]
     for i, r in enumerate(rows):
         _image(root / r.path, i)
     write_manifest(rows, wd / f"results/manifests/{DATASET}.csv")
+    return rows, root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """config.yaml, a checkpoint, manifest, dataset images and the features file, as `snakemake all` lays them out."""
+    wd = tmp_path_factory.mktemp("wf")
+    rows, root = _dataset(wd)
     torch.set_num_threads(1)
     net = jitter_bn(build_dml_model("resnet50", seed=1), seed=2, images=[root / rows[0].path])
     torch.save(net.state_dict(), wd / "backbone.pth")
@@ -74,6 +80,37 @@ def test_retrieve_csv_is_brute_force_top_k(workdir):
     im = Image.open(wd / "out.png")
     assert im.width > 7 * 128 and im.height > 2 * 128  # query, 2 maps, 4 neighbours per row
     assert "wrote out.png" in proc.stderr
+
+
+def test_retrieve_draws_the_cfga_maps_of_a_transformer(tmp_path, monkeypatch, capsys):
+    """A Swin model: the figure holds the query, the CFGA maps of its two qkv layers, the neighbours."""
+    from torchvision.models import swin_t
+
+    from cfga.outputs import gallery
+    from tests.reference.transformer_reference import jitter_norms
+
+    rows, root = _dataset(tmp_path)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    torch.save(jitter_norms(swin_t(), 0).state_dict(), tmp_path / "swin.pth")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "datasets": {DATASET: {"format": "cub", "archive": "none.tgz"}},
+        "models": {"swin": {"arch": "swin_t", "protocol": "scda", "checkpoint": "swin.pth"}},
+        "extraction": {"device": "cpu"}}))
+    model = load_model("swin_t", "scda", tmp_path / "swin.pth", device="cpu")
+    feats = extract_features(model, [root / r.path for r in rows], "scda")
+    save_features(tmp_path / f"results/features/{DATASET}/swin.npz", feats, [r.label for r in rows],
+                  [r.path for r in rows], {"protocol": "scda"})
+    _image(tmp_path / "q.png", 100, (70, 90))
+    grids = []
+    real = gallery.render_grid
+    monkeypatch.setattr(gallery, "render_grid", lambda rows, *a, **kw: (grids.append(rows), real(rows, *a, **kw)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["retrieve", "q.png", "--dataset", DATASET, "--model", "swin", "--k", "3", "-o", "out.png"]) == 0
+    [[cells]] = grids
+    assert [c.caption for c in cells[1:3]] == ["CFGA 4-0 qkv", "CFGA 4-1 qkv"] and len(cells) == 6
+    assert Image.open(tmp_path / "out.png").width > 6 * 128
+    assert "CFGA heatmaps" in capsys.readouterr().err
 
 
 def test_retrieve_table_and_help(workdir, capsys):

@@ -51,11 +51,3 @@ def compare_model(datasets: Mapping, models: Mapping[str, Mapping], retrieval: M
                 f in features_for(cfg["protocol"], cfg["arch"]) for f in retrieval["compare"]):
             return m
     return None
-
-
-def has_heatmaps(model_cfg: Mapping) -> bool:
-    """Whether the heatmap figure is made for a model: ResNet backbones so far (the Transformer
-    CFGA maps are not implemented yet)."""
-    from cfga.registry.archs import arch_info
-
-    return arch_info(model_cfg["arch"]).family == "resnet"

@@ -73,6 +73,8 @@ def test_swin_model_plans_its_cells_and_the_transformer_table(tmp_path):
     assert "results/metrics/tiny_cub/tiny_swin_ms/embedding.json" in out
     assert "results/checkpoints/trained/tiny_cub/tiny_swin_ms.pth" in out
     assert "results/tables/transformers.md" in out
+    for m in ("tiny_swin", "tiny_swin_ms"):  # CFGA maps for every family (the qkv layers')
+        assert f"results/heatmaps/tiny_cub/{m}.png" in out
     bad = json.loads(json.dumps(cfg))
     bad["models"]["tiny_swin_ms"]["train"]["loss"] = "proxy_anchor"
     bad["models"]["tiny_swin_ms"]["protocol"] = "proxy_anchor"
