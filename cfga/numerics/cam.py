@@ -6,7 +6,8 @@ input activations X [C_in, h, w] of the same forward pass:
     map = ReLU(Σ_i v[i] · X[i])   [h, w],
 
 then upsampled bilinearly (``align_corners=False``) to the image size, as CAM does with a class's
-weights. Values are in the units of X; figures rescale each map to its own maximum.
+weights. Values are in the units of X; figures rescale each map to its own maximum. Which X a
+Transformer's qkv layer has (tokens on the grid): method.md §T9.
 """
 from __future__ import annotations
 
