@@ -43,12 +43,14 @@ def _parser() -> argparse.ArgumentParser:
         help="query a dataset's gallery with your own images",
         description="Extract the features of QUERY images with a configured model (its checkpoint and "
                     "protocol, cfga.extract_features) and list their top-k neighbours among the dataset's "
-                    "test images (results/features/DATASET/MODEL.npz), by the raw dot product, ties in "
+                    "gallery images (results/features/DATASET/MODEL.npz: every test image, or the gallery "
+                    "set where the manifest names one, e.g. In-Shop), by the raw dot product, ties in "
                     "manifest order. Prints a table (or CSV with --csv) to stdout and writes a gallery "
                     "figure with each query's CFGA heatmaps. Run it in the workflow's directory.",
     )
     r.add_argument("queries", nargs="+", metavar="QUERY", help="image file(s) to query with (any format PIL reads)")
-    r.add_argument("--dataset", required=True, help="a dataset of the config (its gallery: the test split)")
+    r.add_argument("--dataset", required=True,
+                   help="a dataset of the config (its gallery: the test split, or its gallery set)")
     r.add_argument("--model", required=True, help="a model of the config that runs on --dataset")
     r.add_argument("--feature", default="cfga_plus",
                    help="feature to search with, one the model's protocol produces (default: cfga_plus)")
@@ -89,6 +91,28 @@ def _check_queries(queries: Sequence[str]) -> None:
             load_rgb(q)
         except ImageError as err:
             raise UsageError(f"QUERY: {err}") from None
+
+
+def _gallery_rows(dataset: str, fpath: str, paths: Sequence[str]):
+    """(indices of the features file's gallery rows, {label: class name}) from the dataset's
+    manifest, the roles the metrics and the galleries read (every row on a leave-one-out dataset;
+    In-Shop: its gallery set, not its queries)."""
+    import numpy as np
+
+    from cfga.data.manifest import DatasetError, feature_roles, read_manifest
+    from cfga.workflow import layout
+
+    mpath = layout.manifest_path(dataset)
+    if not Path(mpath).is_file():
+        raise UsageError(f"manifest {mpath} not found: build it with `snakemake {mpath}` in this directory")
+    try:
+        rows = read_manifest(mpath)
+        _, is_gallery = feature_roles(mpath, paths, fpath, rows=rows)
+    except DatasetError as err:
+        raise UsageError(str(err)) from None  # names the manifest and the fix
+    except ValueError as err:
+        raise UsageError(f"{err} (`snakemake --forcerun extract_features {fpath}`)") from None
+    return np.flatnonzero(is_gallery), {r.label: r.class_name for r in rows}
 
 
 def _plan(args) -> dict:
@@ -138,23 +162,20 @@ def _plan(args) -> dict:
     if args.feature not in feats:
         raise UsageError(f"--feature: {fpath} has no {args.feature!r}; rebuild it with `snakemake --forcerun "
                          f"extract_features {fpath}`")
-    n = len(labels)
+    gallery, names = _gallery_rows(args.dataset, fpath, paths)
+    n = len(gallery)
     if k > n:
-        raise UsageError(f"--k: {k} is larger than the gallery of {args.dataset} ({n} test images); pass --k {n} "
+        what = "test" if n == len(labels) else "gallery"
+        raise UsageError(f"--k: {k} is larger than the gallery of {args.dataset} ({n} {what} images); pass --k {n} "
                          "or less")
     ckpt = layout.checkpoint_path(models, args.dataset, args.model)
     if not Path(ckpt).is_file():
         raise UsageError(f"checkpoint {ckpt} of model {args.model} not found: build it with `snakemake {ckpt}` "
                          f"or fix models.{args.model}.checkpoint in the config")
-    names: dict[int, str] = {}
-    mpath = Path(layout.manifest_path(args.dataset))
-    if mpath.is_file():
-        from cfga.data.manifest import read_manifest
-
-        names = {r.label: r.class_name for r in read_manifest(mpath)}
     return {
-        "cfg": cfg, "protocol": protocol, "k": int(k), "gallery": np.asarray(feats[args.feature]),
-        "labels": labels, "paths": [str(p) for p in paths], "checkpoint": ckpt, "names": names,
+        "cfg": cfg, "protocol": protocol, "k": int(k), "gallery": np.asarray(feats[args.feature])[gallery],
+        "labels": np.asarray(labels)[gallery], "paths": [str(paths[i]) for i in gallery], "checkpoint": ckpt,
+        "names": names,
         "root": Path(layout.dataset_root(args.dataset)),
         "device": args.device or cfg.get("extraction", {}).get("device", schema_default("extraction", "device"))
         or "auto",

@@ -1,9 +1,11 @@
 # Retrieval you can see: galleries of a few test queries per (dataset, model, feature), one
 # side-by-side figure per dataset, and CFGA heatmaps of the same queries per (dataset, model).
 #
-# Queries: cfga.outputs.retrieval.choose_queries over the test labels (round robin over the
-# classes); neighbours: exact top-k by the raw dot product of the stored features, ties in
-# manifest order, the query excluded. Config: `retrieval:` (defaults in the schema).
+# Queries: cfga.outputs.retrieval.choose_queries over the features file's query rows (round robin
+# over the classes); neighbours: exact top-k of its gallery rows by the raw dot product of the
+# stored features, ties in manifest order, the query excluded when it is a gallery row. Roles:
+# the manifest's is_query / is_gallery (cfga.data.manifest.feature_roles, as the metrics read
+# them; leave-one-out datasets: every row both). Config: `retrieval:` (defaults in the schema).
 
 import re as _re
 

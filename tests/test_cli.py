@@ -1,8 +1,10 @@
 """`cfga retrieve` on a tiny workflow result built in a tmp dir: brute-force top-k of
-extract_features against the gallery, and bad input → exit 2, one message, nothing written."""
+extract_features against the gallery (every test image, or a query/gallery dataset's gallery
+rows), and bad input → exit 2, one message, nothing written."""
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +21,7 @@ from cfga.extraction.store import save_features
 from tests.reference.spec_reference import build_dml_model, jitter_bn
 
 DATASET, MODEL = "mini", "net"
+SHOP = "shop"  # a query/gallery dataset
 
 
 def _image(path, seed, size=(80, 64)):
@@ -46,15 +49,21 @@ def workdir(tmp_path_factory):
     torch.set_num_threads(1)
     net = jitter_bn(build_dml_model("resnet50", seed=1), seed=2, images=[root / rows[0].path])
     torch.save(net.state_dict(), wd / "backbone.pth")
-    cfg = {"datasets": {DATASET: {"format": "cub", "archive": "none.tgz"}},
+    # SHOP: the same images and features with In-Shop's roles (rows 0, 3, 6 queries, the rest the gallery)
+    shop = [ManifestRow("test", r.label, r.class_name, r.path, i % 3 == 0, i % 3 != 0) for i, r in enumerate(rows)]
+    write_manifest(shop, wd / f"results/manifests/{SHOP}.csv")
+    shutil.copytree(root, wd / f"results/datasets/{SHOP}")
+    cfg = {"datasets": {DATASET: {"format": "cub", "archive": "none.tgz"},
+                        SHOP: {"format": "inshop", "images_archive": "img.zip", "partition": "p.txt"}},
            "models": {MODEL: {"arch": "resnet50", "protocol": "scda", "checkpoint": "backbone.pth"},
                       "other": {"arch": "resnet50", "protocol": "scda", "checkpoint": "x.pth", "datasets": []}},
            "extraction": {"device": "cpu"}}
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
     model = load_model("resnet50", "scda", wd / "backbone.pth", device="cpu")
     feats = extract_features(model, [root / r.path for r in rows], "scda")
-    save_features(wd / f"results/features/{DATASET}/{MODEL}.npz", feats, [r.label for r in rows],
-                  [r.path for r in rows], {"protocol": "scda"})
+    for d in (DATASET, SHOP):
+        save_features(wd / f"results/features/{d}/{MODEL}.npz", feats, [r.label for r in rows],
+                      [r.path for r in rows], {"protocol": "scda"})
     queries = [_image(wd / "q1.png", 100, (70, 90)), _image(wd / "q2.png", 101)]
     qfeats = extract_features(model, queries, "scda")
     return wd, rows, feats, queries, qfeats
@@ -113,6 +122,24 @@ def test_retrieve_draws_the_cfga_maps_of_a_transformer(tmp_path, monkeypatch, ca
     assert "CFGA heatmaps" in capsys.readouterr().err
 
 
+def test_retrieve_searches_only_the_gallery_rows(workdir, capsys, monkeypatch):
+    wd, rows, feats, queries, qfeats = workdir
+    monkeypatch.chdir(wd)
+    assert main(["retrieve", "q1.png", "q2.png", "--dataset", SHOP, "--model", MODEL, "--feature", "scda",
+                 "--k", "6", "--csv", "-o", "shop.png"]) == 0
+    got = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    gallery = [i for i in range(len(rows)) if i % 3 != 0]
+    for qi, q in enumerate(["q1.png", "q2.png"]):
+        sims = qfeats["scda"][qi].astype(np.float64) @ feats["scda"][gallery].astype(np.float64).T
+        want = [gallery[j] for j in np.argsort(-sims, kind="stable")]  # all 6 gallery rows, no query row
+        mine = [r for r in got if r["query"] == q]
+        assert [r["path"] for r in mine] == [rows[j].path for j in want]
+        assert np.allclose([float(r["similarity"]) for r in mine], np.sort(sims)[::-1], rtol=1e-12, atol=0)
+    assert main(["retrieve", "q1.png", "--dataset", SHOP, "--model", MODEL, "--k", "7", "-o", "bad.png"]) == 2
+    assert "--k: 7 is larger than the gallery of shop (6 gallery images); pass --k 6" in capsys.readouterr().err
+    assert not (wd / "bad.png").exists()
+
+
 def test_retrieve_table_and_help(workdir, capsys):
     proc = subprocess.run([sys.executable, "-m", "cfga.cli", "retrieve", "--help"], capture_output=True, text=True)
     for opt in ("--dataset", "--model", "--feature", "--k", "--configfile", "--output", "--csv", "--device"):
@@ -156,6 +183,23 @@ def test_missing_features_names_the_snakemake_target(workdir, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert f"`snakemake results/features/{DATASET}/{MODEL}.npz`" in err
     assert sorted(tmp_path.iterdir()) == [tmp_path / "config.yaml"]
+
+
+def test_missing_or_other_manifest_names_the_fix(workdir, tmp_path, capsys, monkeypatch):
+    wd = workdir[0]
+    (tmp_path / "config.yaml").write_text((wd / "config.yaml").read_text())
+    fpath = f"results/features/{DATASET}/{MODEL}.npz"
+    (tmp_path / fpath).parent.mkdir(parents=True)
+    shutil.copyfile(wd / fpath, tmp_path / fpath)
+    monkeypatch.chdir(tmp_path)
+    argv = ["retrieve", str(wd / "q1.png"), "--dataset", DATASET, "--model", MODEL, "-o", "x.png"]
+    assert main(argv) == 2
+    assert f"`snakemake results/manifests/{DATASET}.csv`" in capsys.readouterr().err
+    # a manifest whose evaluated rows are not the features file's: rebuild the features
+    write_manifest([ManifestRow("test", 0, "c", "other.png")], tmp_path / f"results/manifests/{DATASET}.csv")
+    assert main(argv) == 2
+    assert f"`snakemake --forcerun extract_features {fpath}`" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_subprocess_bad_input_exit_status(workdir):

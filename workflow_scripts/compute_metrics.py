@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
-import numpy as np
 from _common import rule_logging
 
-from cfga.data.manifest import evaluation_rows, read_manifest
+from cfga.data.manifest import feature_roles
 from cfga.extraction.store import load_features
 from cfga.files import write_json
 from cfga.outputs.cells import metrics_record
@@ -20,14 +19,10 @@ with rule_logging(sm) as log:
     feats, labels, paths, meta = load_features(sm.input.features, names=[name])
     if name not in feats:
         raise KeyError(f"{sm.input.features} has no feature {name!r}; rerun its extraction")
-    rows = evaluation_rows(read_manifest(sm.input.manifest))
-    if [r.path for r in rows] != [str(p) for p in paths]:
-        raise ValueError(f"{sm.input.features} does not hold the images of {sm.input.manifest} in its order; "
-                         "delete the feature file and rerun its extraction")
+    is_query, is_gallery = feature_roles(sm.input.manifest, paths, sm.input.features)
     rec = metrics_record(feats[name], labels, dataset=sm.wildcards.dataset, model=sm.wildcards.model,
                          feature=name, provenance=meta, device=sm.params.device,
-                         is_query=np.array([r.is_query for r in rows], dtype=bool),
-                         is_gallery=np.array([r.is_gallery for r in rows], dtype=bool),
+                         is_query=is_query, is_gallery=is_gallery,
                          ks=tuple(sm.params.ks))
     log.info("%s", rec)
     write_json(sm.output.metrics, rec)

@@ -7,7 +7,7 @@ import torch
 from _common import rule_logging
 
 from cfga import load_model
-from cfga.data.manifest import read_manifest
+from cfga.data.manifest import evaluation_roles, evaluation_rows, read_manifest
 from cfga.extraction.maps import cfga_heatmaps
 from cfga.outputs.heatmaps import heatmap_figure
 from cfga.outputs.retrieval import choose_queries
@@ -15,8 +15,9 @@ from cfga.outputs.retrieval import choose_queries
 sm = snakemake  # noqa: F821
 with rule_logging(sm) as log:
     torch.set_num_threads(sm.threads)
-    rows = [r for r in read_manifest(sm.input.manifest) if r.split == "test"]  # the feature files' rows
-    queries = choose_queries([r.label for r in rows], sm.params.queries)
+    manifest = read_manifest(sm.input.manifest)
+    rows = evaluation_rows(manifest)  # the feature files' rows: the galleries' queries are among them
+    queries = choose_queries([r.label for r in rows], sm.params.queries, evaluation_roles(manifest)[0])
     images = [Path(sm.input.root) / rows[i].path for i in queries]
     for (name, m), ckpt, out in zip(sm.params.models.items(), sm.input.checkpoints, sm.output):
         model = load_model(m["arch"], m["protocol"], ckpt, device=sm.params.device,

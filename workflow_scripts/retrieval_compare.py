@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir)))  # noqa: F821
 from _common import rule_logging
 
-from cfga.data.manifest import read_manifest
+from cfga.data.manifest import feature_roles, read_manifest
 from cfga.extraction.store import load_features
 from cfga.outputs.gallery import compare_figure
 from cfga.outputs.retrieval import choose_queries, gallery_k, gallery_neighbours
@@ -14,10 +14,12 @@ from cfga.registry.features import FEATURES
 sm = snakemake  # noqa: F821
 with rule_logging(sm):
     feats, labels, paths, _meta = load_features(sm.input.features)
-    names = {r.label: r.class_name for r in read_manifest(sm.input.manifest)}
-    queries = choose_queries(labels, sm.params.queries)
-    k = gallery_k(sm.params.k, len(labels))
-    groups = [(f"{FEATURES[f].column}: top-{k}", gallery_neighbours(feats[f], labels, queries, k))
+    manifest = read_manifest(sm.input.manifest)
+    names = {r.label: r.class_name for r in manifest}
+    is_query, is_gallery = feature_roles(sm.input.manifest, paths, sm.input.features, rows=manifest)
+    queries = choose_queries(labels, sm.params.queries, is_query)
+    k = gallery_k(sm.params.k, queries, is_gallery)
+    groups = [(f"{FEATURES[f].column}: top-{k}", gallery_neighbours(feats[f], labels, queries, k, is_gallery))
               for f in sm.params.features]
     a, b = (FEATURES[f].column for f in sm.params.features)
     compare_figure(sm.input.root, paths, labels, names, queries, groups, sm.output[0],

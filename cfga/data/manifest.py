@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from cfga.files import write_csv
 
 
@@ -67,6 +69,30 @@ class ManifestRow:
 def evaluation_rows(rows: Sequence[ManifestRow]) -> list[ManifestRow]:
     """The rows extraction covers, in manifest order: every query or gallery image, once."""
     return [r for r in rows if r.evaluated]
+
+
+def evaluation_roles(rows: Sequence[ManifestRow]) -> tuple[np.ndarray, np.ndarray]:
+    """``is_query``, ``is_gallery``: boolean ``[N]`` over the evaluated rows (:func:`evaluation_rows`
+    of ``rows``, i.e. a feature file's rows, in order)."""
+    ev = evaluation_rows(rows)
+    return (np.array([r.is_query for r in ev], dtype=bool).reshape(-1),
+            np.array([r.is_gallery for r in ev], dtype=bool).reshape(-1))
+
+
+def feature_roles(manifest: str | os.PathLike, paths: Sequence[str], features: str | os.PathLike, *,
+                  rows: Sequence[ManifestRow] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The roles (``is_query``, ``is_gallery``, boolean ``[N]``) of a feature file's rows, from the
+    manifest it was extracted from: the one source of who is a query and who a gallery item.
+
+    ``paths`` ``[N]``: the feature file's image paths; they must be the manifest's evaluated rows
+    in manifest order (else ValueError naming ``features`` and the fix). ``rows``: the manifest's
+    rows when the caller has read them already (``manifest`` then only names it).
+    """
+    rows = read_manifest(manifest) if rows is None else rows
+    if [r.path for r in evaluation_rows(rows)] != [str(p) for p in paths]:
+        raise ValueError(f"{features} does not hold the images of {manifest} in its order; "
+                         "delete the feature file and rerun its extraction")
+    return evaluation_roles(rows)
 
 
 def write_manifest(rows: Sequence[ManifestRow], path: str | os.PathLike) -> None:

@@ -2,8 +2,11 @@
 
 Similarity is the dot product of the stored float32 rows, accumulated in float64 (so a
 brute-force check in float64 gets the very same numbers and order). Neighbours are sorted by
-similarity, highest first; equal similarities keep manifest order (a stable sort). A gallery
-query is excluded from its own list, as Recall@K excludes it (method.md §8.1). Torch-free.
+similarity, highest first; equal similarities keep manifest order (a stable sort). Queries are
+chosen among the query rows of the feature file and ranked against its gallery rows (the
+manifest's roles, ``cfga.data.manifest.feature_roles``; leave-one-out datasets: every row is
+both). A query that is also a gallery row is excluded from its own list, as Recall@K excludes it
+(method.md §8.1, §Q). Torch-free.
 """
 from __future__ import annotations
 
@@ -17,21 +20,29 @@ RETRIEVAL_COLUMNS = ("query", "rank", "neighbour", "similarity", "same_class")
 QUERY_COLUMNS = ("query", "rank", "path", "class", "similarity")
 
 
-def choose_queries(labels: Sequence[int], n: int) -> list[int]:
+def _rows(flags, n: int) -> np.ndarray:
+    """Indices of the True entries of a boolean ``[n]`` role (None: every row)."""
+    return np.arange(n) if flags is None else np.flatnonzero(np.asarray(flags, dtype=bool))
+
+
+def choose_queries(labels: Sequence[int], n: int, is_query: Sequence[bool] | None = None) -> list[int]:
     """``n`` row indices spread over the classes, deterministically.
 
-    Round robin over the classes in ascending label order: the first image (manifest order) of
-    each class, then the second of each, ...; so ``n`` ≤ number of classes gives one query per
-    class, the first ``n`` classes. Fewer rows than ``n`` → every row.
+    labels ``[N]``; ``is_query`` (optional boolean ``[N]``): only those rows may be chosen (the
+    returned indices are still rows of ``labels``). Round robin over the classes of the query rows
+    in ascending label order: the first query row (manifest order) of each class, then the second
+    of each, ...; so ``n`` ≤ number of classes gives one query per class, the first ``n`` classes.
+    Fewer query rows than ``n`` → every query row.
     """
     labels = np.asarray(labels)
-    by_class = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
+    rows = _rows(is_query, len(labels))
+    by_class = [rows[labels[rows] == c].tolist() for c in np.unique(labels[rows])]
     out: list[int] = []
     depth = 0
-    while len(out) < min(n, len(labels)):
-        for rows in by_class:
-            if depth < len(rows) and len(out) < n:
-                out.append(rows[depth])
+    while len(out) < min(n, len(rows)):
+        for members in by_class:
+            if depth < len(members) and len(out) < n:
+                out.append(members[depth])
         depth += 1
     return out
 
@@ -44,14 +55,19 @@ def similarities(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
 def top_k(sims: np.ndarray, k: int, exclude: Sequence[int] | None = None) -> np.ndarray:
     """Indices [Q, k] of the k highest similarities per row, ties in gallery (manifest) order.
 
-    ``exclude[q]`` (optional) is a gallery index removed from row q's candidates (the query itself).
+    ``exclude[q]`` (optional) is a gallery index removed from row q's candidates (the query
+    itself); -1: nothing removed from that row.
     """
     sims = np.array(sims, dtype=np.float64, copy=True)
-    n = sims.shape[1] - (0 if exclude is None else 1)
+    dropped = 0
+    if exclude is not None:
+        ex = np.asarray(exclude, dtype=np.int64).reshape(len(sims))
+        own = np.flatnonzero(ex >= 0)
+        sims[own, ex[own]] = -np.inf
+        dropped = int(len(own) > 0)
+    n = sims.shape[1] - dropped
     if k > n:
         raise ValueError(f"k={k} is larger than the gallery ({n} candidates per query)")
-    if exclude is not None:
-        sims[np.arange(len(sims)), np.asarray(exclude)] = -np.inf
     # Stable sort of the negated values: equal similarities keep ascending index order.
     return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
@@ -64,22 +80,33 @@ class Neighbour:
     same_class: bool | None
 
 
-def gallery_k(k: int, n_rows: int) -> int:
-    """The k a workflow gallery shows: the config's ``retrieval.k``, or every other row of a
-    feature file that has fewer (a tiny dataset must not fail the run; ``cfga retrieve`` refuses
-    a k larger than the gallery instead)."""
-    return max(0, min(k, n_rows - 1))
+def gallery_k(k: int, queries: Sequence[int], is_gallery: Sequence[bool]) -> int:
+    """The k a workflow gallery shows: the config's ``retrieval.k``, or every candidate when a
+    query has fewer (a tiny dataset must not fail the run; ``cfga retrieve`` refuses a k larger
+    than the gallery instead). ``is_gallery``: boolean ``[N]``; a query that is a gallery row is
+    not its own candidate."""
+    g = np.asarray(is_gallery, dtype=bool)
+    own = bool(g[np.asarray(queries, dtype=np.int64)].any())
+    return max(0, min(k, int(g.sum()) - own))
 
 
-def gallery_neighbours(feats: np.ndarray, labels: Sequence[int], queries: Sequence[int], k: int
-                       ) -> list[list[Neighbour]]:
-    """Top-k neighbours of each gallery row in ``queries`` among the other rows of ``feats``."""
+def gallery_neighbours(feats: np.ndarray, labels: Sequence[int], queries: Sequence[int], k: int,
+                       is_gallery: Sequence[bool] | None = None) -> list[list[Neighbour]]:
+    """Top-k neighbours of each row in ``queries`` among the gallery rows of ``feats``.
+
+    feats ``[N, D]``, labels ``[N]``, queries: row indices; ``is_gallery`` (optional boolean
+    ``[N]``, default every row): the rows ranked. A query that is a gallery row is left out of its
+    own list. ``Neighbour.index`` is a row of ``feats``.
+    """
     labels = np.asarray(labels)
     q = np.asarray(queries, dtype=np.int64)
-    sims = similarities(feats[q], feats)
-    idx = top_k(sims, k, exclude=q)
+    g = _rows(is_gallery, len(feats))
+    pos = np.full(len(feats), -1, dtype=np.int64)  # row → its column among the gallery rows
+    pos[g] = np.arange(len(g))
+    sims = similarities(feats[q], feats if is_gallery is None else feats[g])
+    idx = top_k(sims, k, exclude=pos[q])
     return [
-        [Neighbour(r + 1, int(j), float(sims[i, j]), bool(labels[j] == labels[qi])) for r, j in enumerate(row)]
+        [Neighbour(r + 1, int(g[j]), float(sims[i, j]), bool(labels[g[j]] == labels[qi])) for r, j in enumerate(row)]
         for i, (qi, row) in enumerate(zip(q, idx))
     ]
 

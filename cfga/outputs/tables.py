@@ -80,6 +80,16 @@ def cells_frame(cells: Sequence[Mapping]) -> pd.DataFrame:
     return df.sort_values(["dataset", "model", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
+def _long_frame(cells: Sequence[Mapping]) -> pd.DataFrame:
+    """:func:`cells_frame`, or the empty long table (``LONG_COLUMNS``) when there is no cell."""
+    return cells_frame(cells) if cells else pd.DataFrame(columns=list(LONG_COLUMNS))
+
+
+def _lookup(series: pd.Series, keys: Iterable[tuple[str, str, str]], fmt) -> list[str]:
+    """``fmt`` of a (dataset, model, feature)-indexed series at each key; "" where it has none."""
+    return [fmt(series[k]) if k in series.index else "" for k in keys]
+
+
 def long_rows(cells: Sequence[Mapping]) -> tuple[list[str], list[list]]:
     """all_metrics.csv: one row per cell, every metric as a fraction (6 decimals); a Recall@K column
     for every K of any dataset (``metrics.ks``), empty where a dataset does not report that K."""
@@ -201,14 +211,14 @@ def paper_frame(
     (%, one decimal, as text) and the published value beside it (empty where the row is not a
     paper row). An empty string marks a cell this run does not have."""
     spec = TABLES[spec] if isinstance(spec, str) else spec
-    long = cells_frame(cells) if cells else pd.DataFrame(columns=list(LONG_COLUMNS))
+    long = _long_frame(cells)
     table = _rows_frame(spec, long, datasets, models)
     r1 = long.set_index(["dataset", "model", "feature"])["recall@1"]
     dims = long.set_index(["dataset", "model", "feature"])["dim"]
 
     def lookup(series, f, fmt):
-        keys = [(d, m, _feature_for(f, p)) for d, m, p in zip(table["dataset"], table["model"], table["protocol"])]
-        return [fmt(series[k]) if k in series.index else "" for k in keys]
+        return _lookup(series, [(d, m, _feature_for(f, p)) for d, m, p in
+                                zip(table["dataset"], table["model"], table["protocol"])], fmt)
 
     table["embedding_dim"] = lookup(dims, spec.columns[0], lambda v: str(int(v)))
     for f in spec.columns:
@@ -278,34 +288,60 @@ TRANSFORMER_COLUMNS: tuple[tuple[str, str | tuple[int, str]], ...] = (
 )
 
 
+TRANSFORMER_ID_COLUMNS = ("dataset", "model", "arch", "protocol", "data")
+TRANSFORMER_NOTE = (
+    "Recall@1 in %. No published values exist for these rows: the authors never released their "
+    "Transformer code or per-layer numbers (TRANSFORMERS.md). CFGA b0 / b1: the second-to-last / last "
+    "block (Swin: stage 4 blocks 0 and 1; ViT with L layers: encoder layers L-2 and L-1); CFGA+ = "
+    "[qkv b0; qkv b1]. Dimensions: C (qkv, proj, fc1, class token), 4C (fc2), 2C (Pooling, SCDA, CFGA+), "
+    "512 (embedding)."
+)
+
+
+def _transformer_features(arch: str) -> list[str]:
+    """The stored feature behind each of ``TRANSFORMER_COLUMNS`` on ``arch`` (its blocks' CFGA names)."""
+    blocks = transformer_blocks(arch)
+    return [f if isinstance(f, str) else transformer_cfga_name(blocks[f[0]], f[1]) for _, f in TRANSFORMER_COLUMNS]
+
+
+def _transformer_rows(cells: pd.DataFrame, datasets: Mapping[str, Mapping],
+                      models: Mapping[str, Mapping]) -> pd.DataFrame:
+    """``TRANSFORMER_ID_COLUMNS`` of every (dataset, Swin/ViT model) with at least one cell, both
+    in config order (``cells``: the long table)."""
+    have = set(zip(cells["dataset"], cells["model"], cells["feature"]))
+    rows = [{"dataset": d, "model": m, "arch": mcfg["arch"], "protocol": mcfg["protocol"],
+             "data": _row_kind(datasets[d])}
+            for d in datasets for m, mcfg in models.items()
+            if arch_info(mcfg["arch"]).family != "resnet"
+            and any((d, m, f) in have for f in _transformer_features(mcfg["arch"]))]
+    return pd.DataFrame(rows, columns=list(TRANSFORMER_ID_COLUMNS))
+
+
+def transformer_frame(cells: Sequence[Mapping], datasets: Mapping[str, Mapping],
+                      models: Mapping[str, Mapping]) -> pd.DataFrame:
+    """The Transformer table as a frame: ``TRANSFORMER_ID_COLUMNS``, then our R@1 (%, one decimal,
+    as text) per column of ``TRANSFORMER_COLUMNS``; an empty string marks a cell this run does not have."""
+    long = _long_frame(cells)
+    table = _transformer_rows(long, datasets, models)
+    r1 = long.set_index(["dataset", "model", "feature"])["recall@1"]
+    feats = [_transformer_features(a) for a in table["arch"]]  # per row, one feature per column
+    for i, (col, _) in enumerate(TRANSFORMER_COLUMNS):
+        table[col] = _lookup(r1, [(d, m, fs[i]) for d, m, fs in zip(table["dataset"], table["model"], feats)], pct)
+    return table
+
+
+def _transformer_markdown(table: pd.DataFrame) -> str:
+    cols = [c for c, _ in TRANSFORMER_COLUMNS]
+    md = ["| Dataset | Model | Arch | Protocol | Data | " + " | ".join(cols) + " |",
+          "|---|---|---|---|---|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(r) + " |" for r in table.values.tolist()]
+    note = ["", TRANSFORMER_NOTE] + ([] if len(table) else ["This run has no Swin or ViT model."])
+    return "\n".join(md) + "\n" + "\n".join(note) + "\n"
+
+
 def transformer_table(cells: Sequence[Mapping], datasets: Mapping[str, Mapping],
                       models: Mapping[str, Mapping]) -> tuple[list[str], list[list[str]], str]:
     """results/tables/transformers: rows dataset × Swin/ViT model, R@1 in %. There are no
     published values (the authors never released their Transformer code or numbers)."""
-    by_key = {(c["dataset"], c["model"], c["feature"]): c for c in cells}
-    cols = [c for c, _ in TRANSFORMER_COLUMNS]
-    header = ["dataset", "model", "arch", "protocol", "data", *cols]
-    md = ["| Dataset | Model | Arch | Protocol | Data | " + " | ".join(cols) + " |",
-          "|---|---|---|---|---|" + "---|" * len(cols)]
-    rows = []
-    for d in datasets:
-        for m, mcfg in models.items():
-            if arch_info(mcfg["arch"]).family == "resnet":
-                continue
-            blocks = transformer_blocks(mcfg["arch"])
-            feats = [f if isinstance(f, str) else transformer_cfga_name(blocks[f[0]], f[1])
-                     for _, f in TRANSFORMER_COLUMNS]
-            if not any((d, m, f) in by_key for f in feats):
-                continue
-            vals = [pct(by_key[(d, m, f)]["recall@1"]) if (d, m, f) in by_key else "" for f in feats]
-            kind = _row_kind(datasets[d])
-            rows.append([d, m, mcfg["arch"], mcfg["protocol"], kind, *vals])
-            md.append(f"| {d} | {m} | {mcfg['arch']} | {mcfg['protocol']} | {kind} | " + " | ".join(vals) + " |")
-    note = ["", "Recall@1 in %. No published values exist for these rows: the authors never released their "
-            "Transformer code or per-layer numbers (TRANSFORMERS.md). CFGA b0 / b1: the second-to-last / last "
-            "block (Swin: stage 4 blocks 0 and 1; ViT with L layers: encoder layers L-2 and L-1); CFGA+ = "
-            "[qkv b0; qkv b1]. Dimensions: C (qkv, proj, fc1, class token), 4C (fc2), 2C (Pooling, SCDA, CFGA+), "
-            "512 (embedding)."]
-    if not rows:
-        note.append("This run has no Swin or ViT model.")
-    return header, rows, "\n".join(md) + "\n" + "\n".join(note) + "\n"
+    table = transformer_frame(cells, datasets, models)
+    return list(table.columns), table.values.tolist(), _transformer_markdown(table)

@@ -113,6 +113,20 @@ def test_inshop_beside_cub_through_all(tmp_path):
                                                                                       40, 50)]
     assert all((r["recall@10"] == "") == (r["dataset"] == "cub") for r in rows)
     assert all((wd / "results" / "plots" / f"recall_at_k_{d}.png").stat().st_size > 1000 for d in ("cub", "inshop"))
+    # the galleries: In-Shop's query rows against its gallery rows only (brute force over them)
+    roles = {r.path: (r.is_query, r.is_gallery) for r in read_manifest(wd / "results" / "manifests" / "inshop.csv")}
+    paths = [str(p) for p in z["paths"]]
+    gallery = [i for i, p in enumerate(paths) if roles[p][1]]
+    for f in ("pooling", "scda", "cfga_plus"):
+        with open(wd / "results" / "retrieval" / "inshop" / "r50" / f"{f}.csv", newline="") as fh:
+            got = list(csv.DictReader(fh))
+        x = z[f].astype(np.float64)
+        queries = list(dict.fromkeys(r["query"] for r in got))
+        assert sorted(queries) == sorted(p for p in paths if roles[p][0])  # 3 queries < retrieval.queries
+        for q in queries:
+            sims = x[paths.index(q)] @ x[gallery].T
+            want = [paths[gallery[j]] for j in np.argsort(-sims, kind="stable")]  # k: all 3 gallery images
+            assert [r["neighbour"] for r in got if r["query"] == q] == want
 
 
 @pytest.mark.parametrize("name,ks", [("configs/sop.yaml", (1, 10, 100, 1000)), ("configs/inshop.yaml", (1, 10, 20, 30, 40, 50))])

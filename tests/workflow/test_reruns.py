@@ -129,12 +129,17 @@ def wf(tmp_path_factory, resnet50_checkpoint):
 
 
 # The galleries, heatmaps and R@1 bar charts (issue 14) follow the features and cells they read;
-# these tests pin the reruns of the extraction, metrics, tables and recall-curve rules.
+# most tests pin the reruns of the extraction, metrics, tables and recall-curve rules (core_counts),
+# test_view_rules_rerun_on_what_they_read those of the views (view_counts).
 VIEW_RULES = ("retrieval_", "heatmaps_", "recall_at_1_plot")
 
 
 def core_counts(jobs):
     return counts([j for j in jobs if not j["rule"].startswith(VIEW_RULES)])
+
+
+def view_counts(jobs):
+    return counts([j for j in jobs if j["rule"].startswith(VIEW_RULES)])
 
 
 def expected_model_jobs(datasets, n_features):
@@ -170,6 +175,10 @@ def test_changed_checkpoint_reruns_only_that_model(wf, tmp_path):
     assert core_counts(jobs) == expected_model_jobs(["r_cub"], MS_FEATURES), jobs
     assert all(j["wildcards"].get("model", "ext") == "ext" for j in jobs)
     assert "Updated input files: ext.pth" in next(j["reason"] for j in jobs if j["rule"] == "extract_features")
+    # the views of that model: its galleries and side-by-side figure (GALLERY_JOBS), its dataset's
+    # heatmaps (one job for every model there) and R@1 chart
+    assert view_counts(jobs) == {"retrieval_gallery_ext": 1, "retrieval_compare": 1, "heatmaps_r_cub": 1,
+                                 "recall_at_1_plot": 1}, jobs
 
 
 def test_table_layout_change_reruns_only_tables(wf, tmp_path):
@@ -218,6 +227,47 @@ def test_feature_code_change_reextracts(wf, tmp_path):
     assert core_counts(jobs) == {"extract_features": 3, "compute_metrics": 2 * SCDA_FEATURES + MS_FEATURES,
                             "tables": 1, "recall_plot": 2}, jobs
     assert all("Params have changed" in j["reason"] for j in jobs if j["rule"] == "extract_features"), jobs
+
+
+# The view jobs of R1: a gallery job per (dataset, model), the side-by-side figure per dataset (of
+# the first model in the config file with SCDA and CFGA+: ext on r_cub, since yaml.safe_dump sorts
+# the keys; r50 on r_cars), a heatmap job per dataset, an R@1 chart per dataset.
+GALLERY_JOBS = {"retrieval_gallery_r50": 2, "retrieval_gallery_ext": 1, "retrieval_compare": 2}
+
+
+def test_view_rules_rerun_on_what_they_read(wf, tmp_path):
+    """A second `all` plans no view job (test_reference_run_is_complete_and_stable); `retrieval:`
+    reruns the views that read it and nothing upstream; new features of one model rerun that
+    model's galleries and its dataset's R@1 chart (through the cells), nothing of the other models."""
+    from cfga.extraction.store import load_features, save_features
+
+    wd, src = wf["wd"], wf["src"]
+    # retrieval.k: the galleries only (the heatmaps show no neighbours)
+    cfg = copy.deepcopy(R1)
+    cfg["retrieval"] = {"k": 3}
+    jobs = planned(smk(wd, "-n", "all", config=cfg, src=src, name="retrieval.yaml"))
+    assert counts(jobs) == GALLERY_JOBS, jobs
+    assert all("Params have changed" in j["reason"] for j in jobs), jobs
+    # retrieval.queries: the heatmaps too (they show the galleries' queries)
+    cfg["retrieval"] = {"queries": 3}
+    jobs = planned(smk(wd, "-n", "all", config=cfg, src=src, name="retrieval.yaml"))
+    assert counts(jobs) == {**GALLERY_JOBS, "heatmaps_r_cub": 1, "heatmaps_r_cars": 1}, jobs
+
+    # ext's r_cub features touched, the same bytes: nothing (a file this small is checksummed)
+    wd = clone(wd, tmp_path / "wd")
+    target = wd / "results/features/r_cub/ext.npz"
+    os.utime(target)
+    assert nothing_to_do(smk(wd, "-n", "all", config=R1, src=src))
+    # ... written anew with other values: its cells, the tables, r_cub's plots, ext's galleries (and
+    # r_cub's side-by-side figure, ext's); the heatmaps read the checkpoints, not the features
+    feats, labels, paths, meta = load_features(target)
+    save_features(target, {k: v * 2 for k, v in feats.items()}, labels, paths, meta)
+    jobs = planned(smk(wd, "-n", "all", config=R1, src=src))
+    assert view_counts(jobs) == {"retrieval_gallery_ext": 1, "retrieval_compare": 1, "recall_at_1_plot": 1}, jobs
+    assert core_counts(jobs) == {"compute_metrics": MS_FEATURES, "tables": 1, "recall_plot": 1}, jobs
+    assert all(j["wildcards"].get("dataset", "r_cub") == "r_cub" for j in jobs), jobs
+    assert all("Updated input files: results/features/r_cub/ext.npz" in j["reason"]
+               for j in jobs if j["rule"].startswith("retrieval_")), jobs
 
 
 # --------------------------------------------------------------------------------------------
