@@ -61,3 +61,10 @@ def test_extract_speed_runs_for_a_swin(tmp_path):
     assert set(summary["s_per_image"]) == {"floor", "cfga"}
     assert "cfga_4_1_fc2" in summary["features"] and summary["protocol"] == "scda"
     assert summary["max_abs_dev_vs_batch_size_1"] < 1e-5
+
+
+def test_transformer_stages_runs_and_reports_every_stage(tmp_path):
+    stdout = _run("transformer_stages.py", "swin_t", "64", "96", "scda", "--batch", "2", "--threads", "1",
+                  "--repeats", "1", cwd=tmp_path)
+    stages = {line.split()[0] for line in stdout.splitlines()[1:]}
+    assert stages == {"floor", "trunk", "tail", "backward", "vectors", "cfga", "cfga/floor"}
