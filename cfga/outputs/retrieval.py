@@ -16,6 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from cfga.data.manifest import feature_roles, read_manifest
+from cfga.extraction.store import load_features
+
 RETRIEVAL_COLUMNS = ("query", "rank", "neighbour", "similarity", "same_class")
 QUERY_COLUMNS = ("query", "rank", "path", "class", "similarity")
 
@@ -134,3 +137,27 @@ def write_retrieval_csv(path: str | os.PathLike, paths: Sequence[str], queries: 
     from cfga.files import write_csv
 
     write_csv(path, RETRIEVAL_COLUMNS, retrieval_rows(paths, queries, neighbours))
+
+
+@dataclass
+class GalleryInputs:
+    """What a gallery figure reads from one features file and its manifest, and the queries shown."""
+
+    feats: dict  # {feature: float32 [N, D]}
+    labels: np.ndarray  # [N]
+    paths: list  # [N], as in the manifest
+    names: dict  # {label: class name}
+    queries: list  # feature-file rows (choose_queries)
+    k: int  # neighbours per query (gallery_k)
+    is_gallery: np.ndarray  # bool [N]
+
+
+def gallery_inputs(features: str | os.PathLike, manifest: str | os.PathLike, n_queries: int, k: int) -> GalleryInputs:
+    """Load a features file and its manifest; pick ``n_queries`` queries among the query rows
+    (``choose_queries``) and the ``k`` the gallery rows allow (``gallery_k``)."""
+    feats, labels, paths, _meta = load_features(features)
+    rows = read_manifest(manifest)
+    is_query, is_gallery = feature_roles(manifest, paths, features, rows=rows)
+    queries = choose_queries(labels, n_queries, is_query)
+    return GalleryInputs(feats, labels, paths, {r.label: r.class_name for r in rows}, queries,
+                         gallery_k(k, queries, is_gallery), is_gallery)
